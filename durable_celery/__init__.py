@@ -1,0 +1,55 @@
+"""durable_celery: durable workflows on Celery and Postgres."""
+
+from __future__ import annotations
+
+from durable_celery.app import Durable
+from durable_celery.definitions import Await, Done, Fail, Next, Retry, RetryPolicy, Sleep, Workflow
+from durable_celery.errors import (
+    ConfigurationError,
+    DuplicateWorkflow,
+    DurableCeleryError,
+    InvalidArgument,
+    InvalidPayload,
+    NoTarget,
+    StorageError,
+    UnknownStep,
+    UnknownWorkflow,
+    WaitTimeout,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowNotFound,
+)
+from durable_celery.runtime.context import Context
+from durable_celery.storage.records import Run, Signal, SignalResult, StepRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Await",
+    "ConfigurationError",
+    "Context",
+    "Done",
+    "DuplicateWorkflow",
+    "Durable",
+    "DurableCeleryError",
+    "Fail",
+    "InvalidArgument",
+    "InvalidPayload",
+    "Next",
+    "NoTarget",
+    "Retry",
+    "RetryPolicy",
+    "Run",
+    "Signal",
+    "SignalResult",
+    "Sleep",
+    "StepRecord",
+    "StorageError",
+    "UnknownStep",
+    "UnknownWorkflow",
+    "WaitTimeout",
+    "Workflow",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+    "WorkflowNotFound",
+]

@@ -1,0 +1,317 @@
+"""Durable: binds a Celery app to a Postgres database; declares workflows; starts runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+
+from durable_celery import errors, payloads
+from durable_celery import settings as settings_mod
+from durable_celery import signals as signals_mod
+from durable_celery.definitions import Workflow, check_name
+from durable_celery.runtime import executor
+from durable_celery.runtime.worker import WorkerIdentity
+from durable_celery.storage import migrate as migrate_mod
+from durable_celery.storage.engine import EngineHolder
+from durable_celery.storage.records import STATUSES, Dispatch, Run, SignalResult, StepRecord
+from durable_celery.storage.store import Store
+
+log = logging.getLogger("durable_celery")
+
+MAX_ID = 200
+_inline = threading.local()  # testing.drain runs steps without publishing
+
+
+def check_identifier(value: Any, what: str) -> str:
+    """workflow ids, keys, dedup keys: 1-200 characters, not blank, no NUL."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID or "\x00" in value:
+        raise errors.InvalidArgument(
+            f"{what} must be a non-blank string of at most {MAX_ID} characters without NUL; "
+            f"got {value!r}"[:400]
+        )
+    return value
+
+
+class Durable:
+    """Durable workflows for a Celery app.
+
+    ``database_url`` falls back to the Celery setting ``durable_database_url`` and the
+    environment variable ``DURABLE_CELERY_DATABASE_URL``. Other settings (``**more``) are
+    listed in :class:`durable_celery.settings.Settings`.
+    """
+
+    def __init__(self, app: Celery, database_url: str | None = None, *,
+                 heartbeat_interval: float | None = None, stale_after: float | None = None,
+                 sweep_interval: float | None = None, redispatch_after: float | None = None,
+                 retention: timedelta | None = None, **more: Any) -> None:
+        if not isinstance(app, Celery):
+            raise errors.ConfigurationError(f"Durable needs a Celery app, got {app!r}")
+        self.app = app
+        self.settings = settings_mod.build(
+            {"database_url": database_url, "heartbeat_interval": heartbeat_interval,
+             "stale_after": stale_after, "sweep_interval": sweep_interval,
+             "redispatch_after": redispatch_after, "retention": retention, **more},
+            celery_conf=app.conf,
+        )
+        if not self.settings.database_url:
+            raise errors.ConfigurationError(
+                "no database URL: pass Durable(app, database_url=...), set the Celery setting "
+                "durable_database_url, or the environment variable DURABLE_CELERY_DATABASE_URL"
+            )
+        accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
+        if accepted & {"pickle", "application/x-python-serialize"}:
+            raise errors.ConfigurationError(
+                "this Celery app accepts pickle messages (accept_content); durable_celery "
+                "only works with apps that never unpickle: set accept_content=['json']"
+            )
+        self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size)
+        self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
+                           redispatch_max_backoff=self.settings.redispatch_max_backoff)
+        self._workflows: dict[tuple[str, int], Workflow] = {}
+        self._latest: dict[str, Workflow] = {}
+        self._tasks: set[str] = set()
+        self._ready_pid = 0
+        self._ready_lock = threading.Lock()
+        self._ident: WorkerIdentity | None = None
+        self._coordinator: Any = None
+        app._durable_celery = self  # type: ignore[attr-defined]  # found by the CLI
+        self._install()
+
+    # ------------------------------------------------------------------ declaring
+
+    def workflow(self, name: str, *, version: int = 1, queue: str | None = None,
+                 run_ahead: bool | None = None) -> Workflow:
+        """Declare a workflow; add steps with ``@wf.step``."""
+        check_name(name, "workflow name")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise errors.InvalidArgument(f"version must be an int >= 1, got {version!r}")
+        if queue is not None:
+            check_name(queue, "queue")
+        if (name, version) in self._workflows:
+            raise errors.InvalidArgument(f"workflow {name!r} v{version} is already declared")
+        wf = Workflow(durable=self, name=name, version=version, queue=queue, run_ahead=run_ahead)
+        self._workflows[(name, version)] = wf
+        latest = self._latest.get(name)
+        if latest is None or latest.version < version:
+            self._latest[name] = wf
+        return wf
+
+    def get_definition(self, name: str, version: int | None = None) -> Workflow:
+        """The registered workflow ``name`` (its highest version unless ``version``)."""
+        wf = self._latest.get(name) if version is None else self._workflows.get((name, version))
+        if wf is None:
+            known = sorted({n for n, _ in self._workflows})
+            raise errors.UnknownWorkflow(
+                f"no workflow {name!r}{'' if version is None else f' v{version}'} is registered;"
+                f" known: {known}", workflow=str(name))
+        return wf
+
+    @property
+    def default_queue(self) -> str:
+        return str(self.app.conf.task_default_queue or "celery")
+
+    def _register_step(self, wf: Workflow, step: Any) -> None:
+        name = wf.task_name(step)
+        if name in self._tasks:
+            return
+        self._tasks.add(name)
+        durable = self
+
+        def run_step(workflow_id: Any, seq: Any) -> None:
+            executor.execute(durable, workflow_id, seq)
+
+        run_step.__name__ = run_step.__qualname__ = f"{wf.name}.{step.name}"
+        self.app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
+                      typing=False, queue=wf.queue_for(step))(run_step)
+
+    def _install(self) -> None:
+        from durable_celery.coordinator import bootstep
+
+        bootstep.install(self)
+        signals_mod.register_tasks(self)
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (safe to call concurrently); returns versions applied."""
+        applied = migrate_mod.migrate(self._holder)
+        self._ready_pid = os.getpid()
+        return applied
+
+    def _ensure_ready(self) -> None:
+        if self._ready_pid == os.getpid():
+            return
+        with self._ready_lock:
+            if self._ready_pid != os.getpid():
+                if self.settings.auto_migrate:
+                    self.migrate()
+                self._ready_pid = os.getpid()
+
+    # ------------------------------------------------------------------ runs
+
+    def _start(self, wf: Workflow, state: Any, *, workflow_id: str | None, key: str | None,
+               delay: float | None, at: datetime | None, queue: str | None) -> str:
+        if self._workflows.get((wf.name, wf.version)) is not wf:
+            raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
+        first = wf.first
+        state = {} if state is None else state
+        text = payloads.check_object(state, what="state", max_bytes=self.settings.max_payload_bytes)
+        if workflow_id is not None:
+            check_identifier(workflow_id, "workflow_id")
+        if key is not None:
+            check_identifier(key, "key")
+        if queue is not None:
+            check_name(queue, "queue")
+        if delay is not None and at is not None:
+            raise errors.InvalidArgument("pass delay= or at=, not both")
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not math.isfinite(delay) or delay < 0):
+            raise errors.InvalidArgument(f"delay must be seconds >= 0, got {delay!r}")
+        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
+            raise errors.InvalidArgument("at must be a timezone-aware datetime")
+        self._ensure_ready()
+        run_id, publish = self.store.start(
+            workflow_id=workflow_id, workflow=wf.name, version=wf.version, step=first.name,
+            queue=wf.queue_for(first, queue), run_queue=queue, state=text, key=key,
+            delay=float(delay or 0.0), at=at,
+        )
+        if publish:
+            self._publish(Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name, seq=0,
+                                   queue=wf.queue_for(first, queue), priority=0))
+        return run_id
+
+    def _publish(self, dispatch: Dispatch) -> None:
+        """Send the hint "run this step at this seq"; on failure the sweep re-sends it."""
+        if getattr(_inline, "active", False):
+            return
+        try:
+            self.app.send_task(
+                f"durable.{dispatch.workflow}.{dispatch.step}",
+                args=[dispatch.workflow_id, dispatch.seq], queue=dispatch.queue,
+                serializer="json", ignore_result=True,
+            )
+        except Exception:
+            log.warning("publishing run %s failed; the coordinator will re-send it",
+                        dispatch.workflow_id, exc_info=True)
+            try:
+                self.store.mark_unpublished(dispatch.workflow_id, dispatch.seq)
+            except errors.StorageError:
+                log.warning("could not mark run %s unpublished", dispatch.workflow_id)
+
+    def signal(self, target: str, name: str, payload: Any = None, *,
+               dedup_key: str | None = None) -> SignalResult:
+        """Send a durable signal to a run, by workflow_id or business key.
+
+        The signal is stored in the run's inbox (once per ``dedup_key``) and wakes the run
+        if it awaits ``name``; otherwise it waits there for a later ``Await``. Raises
+        ``NoTarget`` when no live run has this id or key.
+        """
+        return signals_mod.send(self, target, name, payload, dedup_key=dedup_key)
+
+    # ------------------------------------------------------------------ queries
+
+    def get_workflow(self, workflow_id: str) -> Run:
+        """A snapshot of the run; raises ``WorkflowNotFound``."""
+        check_identifier(workflow_id, "workflow_id")
+        self._ensure_ready()
+        run = self.store.get(workflow_id)
+        if run is None:
+            raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
+        return run
+
+    def list_workflows(self, name: str | None = None, status: str | None = None,
+                       limit: int = 100) -> list[Run]:
+        """Runs, newest first, optionally of one workflow and/or one status."""
+        if name is not None:
+            check_name(name, "workflow name")
+        if status is not None and status not in STATUSES:
+            raise errors.InvalidArgument(f"unknown status {status!r}; one of {sorted(STATUSES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise errors.InvalidArgument(f"limit must be an int in 1..10000, got {limit!r}")
+        self._ensure_ready()
+        return self.store.list(workflow=name, status=status, limit=limit)
+
+    def workflow_steps(self, workflow_id: str) -> list[StepRecord]:
+        """The committed history of a run, in order (``seq`` 1, 2, ...)."""
+        check_identifier(workflow_id, "workflow_id")
+        self._ensure_ready()
+        steps = self.store.history(workflow_id)
+        if not steps and self.store.get(workflow_id) is None:
+            raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
+        return steps
+
+    def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
+        """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``,
+        ``WorkflowCancelled``, ``WorkflowNotFound``, or ``WaitTimeout`` (a ``TimeoutError``)."""
+        check_identifier(workflow_id, "workflow_id")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout < 0):
+            raise errors.InvalidArgument(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+        self._ensure_ready()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            found = self.store.status(workflow_id)
+            if found is None:
+                raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
+            status, result, error = found
+            if status == "done":
+                return result
+            if status == "failed":
+                raise errors.WorkflowFailed(f"run {workflow_id} failed: {_describe(error)}",
+                                            workflow_id=workflow_id, error=error)
+            if status == "cancelled":
+                raise errors.WorkflowCancelled(f"run {workflow_id} was cancelled",
+                                               workflow_id=workflow_id, error=error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.WaitTimeout(
+                    f"run {workflow_id} is still {status} after {timeout}s",
+                    workflow_id=workflow_id, status=status)
+            sleep = pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0))
+            time.sleep(sleep)
+            pause = min(pause * 1.5, 0.25)
+
+    def stats(self) -> dict[str, int]:
+        """Per-process counters: steps committed, stale messages dropped, leases lost..."""
+        return dict(executor.counters)
+
+    # ------------------------------------------------------------------ processes
+
+    def _identity(self) -> WorkerIdentity:
+        ident = self._ident
+        if ident is None or ident.pid != os.getpid():
+            ident = self._ident = WorkerIdentity(
+                self.store, interval=self.settings.heartbeat_interval,
+                nodename=os.environ.get("DURABLE_CELERY_NODENAME"))
+        return ident
+
+    def _release_identity(self) -> int:
+        ident = self._ident
+        if ident is None or ident.pid != os.getpid():
+            return 0
+        self._ident = None
+        return ident.close()
+
+    def coordinator(self) -> Any:
+        """A :class:`~durable_celery.coordinator.loop.Coordinator` bound to this Durable."""
+        from durable_celery.coordinator.loop import Coordinator
+
+        return Coordinator(self)
+
+    def close(self) -> None:
+        """Release this process's worker row and database connections."""
+        self._release_identity()
+        self._holder.dispose()
+
+
+def _describe(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("type") or error)
+    return str(error)

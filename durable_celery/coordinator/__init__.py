@@ -1,0 +1,1 @@
+"""The sweeps (dispatcher, reaper, garbage collector) and the loop that runs them."""

@@ -1,0 +1,83 @@
+"""The coordinator thread: runs the sweeps, sleeping until the nearest due time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
+from durable_celery.storage.listener import Listener
+
+if TYPE_CHECKING:
+    from durable_celery.app import Durable
+
+log = logging.getLogger("durable_celery.coordinator")
+
+GC_INTERVAL = 60.0
+
+
+class Coordinator:
+    """Dispatcher at every wake-up; reaper every ``sweep_interval``; GC every minute.
+
+    Between passes it sleeps until the nearest due timer, the next reaper pass, or a
+    NOTIFY from a commit that set a nearer timer, whichever comes first.
+    """
+
+    def __init__(self, durable: Durable) -> None:
+        self.durable = durable
+        self.dispatcher = Dispatcher(durable)
+        self.reaper = Reaper(durable)
+        self.collector = Collector(durable)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
+
+    def run_once(self) -> int:
+        """One pass of every sweep (tests; ``durable-celery coordinator --once``)."""
+        return self.reaper.run_once() + self.dispatcher.run_once() + self.collector.run_once()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="durable-coordinator",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        listener = self._listener = Listener(self.durable._holder.url)
+        try:
+            while not self._stop.is_set():
+                listener.wait(self._pass())
+        finally:
+            listener.close()
+
+    _next_reap = 0.0
+    _next_gc = 0.0
+
+    def _pass(self) -> float:
+        """Run what is due; return how long to sleep."""
+        interval = self.durable.settings.sweep_interval
+        try:
+            now = time.monotonic()
+            if now >= self._next_reap:
+                self._next_reap = now + interval
+                self.reaper.run_once()
+            if now >= self._next_gc:
+                self._next_gc = now + GC_INTERVAL
+                self.collector.run_once()
+            done = self.dispatcher.run_once()
+            due = self.dispatcher.seconds_to_next()
+            wait = min(interval, self._next_reap - time.monotonic())
+            if due is not None:
+                wait = min(wait, due)
+            if wait <= 0 and not done:
+                wait = 0.01  # due rows are locked by another coordinator right now
+            return max(wait, 0.0)
+        except Exception:
+            log.warning("coordinator sweep failed; retrying", exc_info=True)
+            return interval

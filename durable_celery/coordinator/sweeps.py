@@ -1,0 +1,74 @@
+"""Each sweep is ``run_once() -> int`` (work done); the loop around them only sleeps.
+
+All are safe to run on many nodes at once: they pick rows with ``FOR UPDATE SKIP LOCKED``
+and every transition is guarded, so two sweeps never dispatch or reclaim one row twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from durable_celery.app import Durable
+
+log = logging.getLogger("durable_celery.coordinator")
+
+
+class Dispatcher:
+    """Publishes due runnable rows (timers, lost or overdue messages) and expires awaits."""
+
+    def __init__(self, durable: Durable) -> None:
+        self.durable = durable
+
+    def run_once(self) -> int:
+        store, limit = self.durable.store, self.durable.settings.sweep_batch_size
+        done = 0
+        for _ in range(100):  # bounded: never starve the other sweeps
+            batch = store.expire_awaits(limit) + store.dispatch_due(limit)
+            for dispatch in batch:
+                self.durable._publish(dispatch)
+            done += len(batch)
+            if len(batch) < limit:
+                break
+        return done
+
+    def seconds_to_next(self) -> float | None:
+        return self.durable.store.seconds_to_next_due()
+
+
+class Reaper:
+    """Returns runs held by dead worker processes (stale heartbeat) to runnable."""
+
+    def __init__(self, durable: Durable) -> None:
+        self.durable = durable
+
+    def run_once(self) -> int:
+        s = self.durable.settings
+        publish, failed = self.durable.store.reap(
+            stale_after=s.stale_after, max_recoveries=s.max_recoveries, limit=s.sweep_batch_size)
+        for dispatch in publish:
+            log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
+                        dispatch.step)
+            self.durable._publish(dispatch)
+        if failed:
+            log.error("%d run(s) failed after %d worker losses", failed, s.max_recoveries)
+        return len(publish) + failed
+
+
+class Collector:
+    """Deletes finished runs (with history and signals) older than ``retention``."""
+
+    def __init__(self, durable: Durable) -> None:
+        self.durable = durable
+
+    def run_once(self) -> int:
+        s = self.durable.settings
+        total = 0
+        for _ in range(100):
+            n = self.durable.store.collect_garbage(
+                retention_seconds=s.retention.total_seconds(), limit=s.gc_batch_size)
+            total += n
+            if n < s.gc_batch_size:
+                break
+        return total

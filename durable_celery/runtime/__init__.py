@@ -1,0 +1,1 @@
+"""What happens inside one Celery task: claim, run, commit, run-ahead."""

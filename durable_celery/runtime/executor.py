@@ -1,0 +1,108 @@
+"""Execute one message: claim, run the step outside any transaction, commit, run ahead."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections import Counter
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from durable_celery import errors
+from durable_celery.runtime import outcomes
+from durable_celery.runtime.context import Context
+from durable_celery.storage.records import Claim
+
+if TYPE_CHECKING:
+    from durable_celery.app import Durable
+
+log = logging.getLogger("durable_celery.runtime")
+
+# Per-process tallies (stale messages dropped, leases lost, steps run...), for tests and
+# for `durable.stats()`.
+counters: Counter[str] = Counter()
+
+
+def execute(durable: Durable, workflow_id: Any, seq: Any) -> str:
+    """Handle the message "run the current step of ``workflow_id`` at ``seq``".
+
+    Returns what happened: ``"stale"`` (dropped), ``"committed"``, ``"lease_lost"``,
+    ``"released"`` (this process lacks the workflow version) or ``"bad_message"``.
+    """
+    if not isinstance(workflow_id, str) or isinstance(seq, bool) or not isinstance(seq, int):
+        counters["bad_message"] += 1
+        log.error("dropping a malformed durable message: %r, %r", workflow_id, seq)
+        return "bad_message"
+    durable._ensure_ready()
+    worker_id = durable._identity().ensure()
+    claimed = durable.store.claim(workflow_id, seq, worker_id)
+    if claimed is None:
+        counters["stale"] += 1
+        return "stale"
+    claim, started_at = claimed
+    return run_claimed(durable, claim, worker_id, started_at)
+
+
+def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any) -> str:
+    """Run steps under ``claim`` until one parks, finishes or leaves this queue."""
+    settings = durable.settings
+    chain = 0
+    while True:
+        wf = durable._workflows.get((claim.workflow, claim.version))
+        step = wf.steps.get(claim.step) if wf is not None else None
+        if wf is None or step is None:
+            # Another deployment's version or a renamed step: give the run back, untouched.
+            counters["released"] += 1
+            log.error("workflow %s v%s step %s is not registered in this process; releasing "
+                      "run %s", claim.workflow, claim.version, claim.step, claim.workflow_id)
+            durable.store.release(claim, after=settings.redispatch_after)
+            return "released"
+        chain += 1
+        visit = outcomes.Visit(
+            workflow=wf, step=step, attempt=claim.attempt, queue=claim.queue,
+            run_queue=claim.run_queue, original_state=claim.state,
+            max_payload_bytes=settings.max_payload_bytes,
+            run_ahead=settings.run_ahead and chain < settings.run_ahead_limit,
+        )
+        transition = _run_step(durable, visit, claim)
+        committed = durable.store.commit(claim, transition, worker=worker_id,
+                                         started_at=started_at)
+        if committed is None:
+            counters["lease_lost"] += 1
+            log.warning("run %s step %s: lease lost (cancelled or reclaimed); outcome dropped",
+                        claim.workflow_id, claim.step)
+            return "lease_lost"
+        counters["steps"] += 1
+        if committed.dispatch is not None:
+            durable._publish(committed.dispatch)
+        if committed.status != "executing":
+            return "committed"
+        # Run-ahead: the commit kept our claim on the next step; continue without a hop.
+        counters["run_ahead"] += 1
+        claim = replace(claim, step=transition.step, seq=committed.seq, visit=committed.seq,
+                        attempt=0, state=json.loads(transition.state), timed_out=False,
+                        signals=())
+        started_at = None
+
+
+def _run_step(durable: Durable, visit: outcomes.Visit, claim: Claim) -> Any:
+    ctx = Context(
+        workflow_id=claim.workflow_id, workflow=claim.workflow, version=claim.version,
+        step=claim.step, state=copy.deepcopy(claim.state),
+        attempt=claim.attempt, seq=claim.seq, key=claim.key, timed_out=claim.timed_out,
+        signals=claim.signals,
+        idempotency_key=f"{claim.workflow_id}:{claim.step}:{claim.visit}",
+    )
+    # ctx gets a copy: a step that raises after mutating ctx.state retries from the
+    # committed state (visit.original_state).
+    try:
+        returned = visit.step.fn(ctx)
+    except errors.LeaseLost:
+        raise
+    except Exception as exc:
+        counters["step_errors"] += 1
+        log.info("run %s step %s attempt %s raised %r", claim.workflow_id, claim.step,
+                 claim.attempt, exc)
+        return outcomes.from_exception(visit, exc)
+    return outcomes.decide(visit, returned, ctx.state)

@@ -1,0 +1,209 @@
+"""Turn what a step returned (or raised) into a :class:`Transition` to commit.
+
+Pure logic, no I/O: unit-tested without a database.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from durable_celery import errors, payloads
+from durable_celery.definitions import (
+    KEEP, OUTCOME_TYPES, Await, Done, Fail, Next, Retry, Sleep, Step, Workflow,
+)
+from durable_celery.storage.store import Transition
+
+MAX_TRACEBACK = 8000
+MAX_SIGNAL_NAME = 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Visit:
+    """The step being decided, as claimed."""
+
+    workflow: Workflow
+    step: Step
+    attempt: int
+    queue: str
+    run_queue: str | None
+    original_state: Any
+    max_payload_bytes: int
+    run_ahead: bool       # a Next to a same-queue step may continue in this task
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": type(exc).__name__, "message": str(exc)[:2000].replace("\x00", "\\0"),
+            "traceback": tb[-MAX_TRACEBACK:].replace("\x00", "\\0")}
+
+
+def from_exception(v: Visit, exc: BaseException) -> Transition:
+    """A step raised: retry per its policy, else fail. The step's state changes are dropped."""
+    error = error_json(exc)
+    state = payloads.check(v.original_state, what="state", max_bytes=v.max_payload_bytes)
+    attempts = v.attempt + 1
+    policy = v.step.retry
+    if attempts < policy.max_attempts:
+        return Transition(status="runnable", step=v.step.name, queue=v.queue, attempt=attempts,
+                          state=state, error=_dumps(error), delay=policy.delay_after(attempts),
+                          publish=False, outcome="retry", next_step=v.step.name, consume=False)
+    error["attempts"] = attempts
+    return _failed(v, state, error)
+
+
+def invalid(v: Visit, message: str) -> Transition:
+    """The step returned something unusable: the run fails (no retry: it would do it again)."""
+    state = payloads.check(v.original_state, what="state", max_bytes=v.max_payload_bytes)
+    return _failed(v, state, {"type": "InvalidOutcome", "message": message})
+
+
+def decide(v: Visit, returned: Any, state_after: Any) -> Transition:
+    """The transition for a step that returned ``returned`` with ctx.state ``state_after``."""
+    try:
+        return _decide(v, returned, state_after)
+    except errors.DurableCeleryError as exc:
+        return invalid(v, exc.message)
+
+
+def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
+    wf, step = v.workflow, v.step
+    if not isinstance(returned, OUTCOME_TYPES):
+        if returned is None or isinstance(returned, dict):
+            new_state = state_after if returned is None else returned
+            following = wf.after(step)
+            if following is None:
+                return _done(v, returned, _state(v, new_state))
+            return _next(v, following, _state(v, new_state))
+        if wf.after(step) is None:
+            return _done(v, returned, _state(v, state_after))
+        raise errors.InvalidOutcome(
+            f"step {step.name!r} returned a {type(returned).__name__}; a step that is not the "
+            "last must return an outcome (Next, Sleep, ...), a dict (the new state) or None"
+        )
+    state = _state(v, state_after if returned.state is KEEP else returned.state)
+    if isinstance(returned, Next):
+        return _next(v, wf.resolve(returned.step), state)
+    if isinstance(returned, Done):
+        return _done(v, returned.result, state)
+    if isinstance(returned, Fail):
+        reason = returned.reason
+        try:
+            payloads.check(reason, what="Fail reason", max_bytes=v.max_payload_bytes)
+        except errors.InvalidPayload:
+            reason = repr(reason)[:2000]
+        return _failed(v, state, {"type": "Fail", "message": str(reason)[:2000], "reason": reason})
+    if isinstance(returned, Retry):
+        delay = _seconds(returned.delay, "Retry delay")
+        return Transition(status="runnable", step=step.name, queue=v.queue, attempt=v.attempt + 1,
+                          state=state, delay=delay, publish=delay == 0, outcome="retry",
+                          next_step=step.name, consume=False)
+    if isinstance(returned, Sleep):
+        target = _following(v, returned.next, "Sleep")
+        if (returned.seconds is None) == (returned.until is None):
+            raise errors.InvalidOutcome("Sleep needs exactly one of seconds= or until=")
+        until: datetime | None = None
+        delay = 0.0
+        if returned.until is not None:
+            if not isinstance(returned.until, datetime) or returned.until.tzinfo is None:
+                raise errors.InvalidOutcome("Sleep until= must be a timezone-aware datetime")
+            until = returned.until
+        else:
+            delay = _seconds(returned.seconds, "Sleep seconds")
+        return Transition(status="runnable", step=target.name, queue=_queue(v, target),
+                          attempt=0, state=state, delay=delay, until=until,
+                          publish=until is None and delay == 0, outcome="sleep",
+                          next_step=target.name)
+    if isinstance(returned, Await):
+        target = _following(v, returned.next, "Await")
+        names = signal_names(returned.names)
+        deadline = None
+        if returned.timeout is not None:
+            deadline = _seconds(returned.timeout, "Await timeout")
+        return Transition(status="awaiting", step=target.name, queue=_queue(v, target),
+                          attempt=0, state=state, await_names=names, deadline=deadline,
+                          outcome="await", next_step=target.name)
+    raise AssertionError(f"unhandled outcome {returned!r}")  # pragma: no cover
+
+
+def signal_names(names: Any) -> list[str]:
+    """Validate one signal name or a collection of them; returns a sorted unique list."""
+    items = [names] if isinstance(names, str) else names
+    try:
+        collected = list(items)
+    except TypeError:
+        raise errors.InvalidArgument(f"signal names must be a string or strings, got {names!r}") \
+            from None
+    if not collected:
+        raise errors.InvalidArgument("Await needs at least one signal name")
+    for name in collected:
+        check_signal_name(name)
+    return sorted(set(collected))
+
+
+def check_signal_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME \
+            or "\x00" in name:
+        raise errors.InvalidArgument(
+            f"a signal name must be a non-blank string of at most {MAX_SIGNAL_NAME} characters "
+            f"without NUL; got {name!r}"
+        )
+    return name
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        raise errors.InvalidOutcome(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _following(v: Visit, target: Any, what: str) -> Step:
+    if target is not None:
+        return v.workflow.resolve(target)
+    following = v.workflow.after(v.step)
+    if following is None:
+        raise errors.InvalidOutcome(
+            f"{what} from the last step {v.step.name!r} needs next= (no step follows it)"
+        )
+    return following
+
+
+def _queue(v: Visit, step: Step) -> str:
+    return v.workflow.queue_for(step, v.run_queue)
+
+
+def _state(v: Visit, state: Any) -> str:
+    return payloads.check_object(state, what="state", max_bytes=v.max_payload_bytes)
+
+
+def _next(v: Visit, target: Step, state: str) -> Transition:
+    queue = _queue(v, target)
+    ahead = v.run_ahead and queue == v.queue and _ahead_allowed(v.workflow, target)
+    return Transition(status="executing" if ahead else "runnable", step=target.name,
+                      queue=queue, attempt=0, state=state, publish=not ahead, outcome="next",
+                      next_step=target.name)
+
+
+def _ahead_allowed(wf: Workflow, target: Step) -> bool:
+    if target.run_ahead is not None:
+        return target.run_ahead
+    return wf.run_ahead is not False
+
+
+def _done(v: Visit, result: Any, state: str) -> Transition:
+    text = payloads.check(result, what="result", max_bytes=v.max_payload_bytes)
+    return Transition(status="done", step=v.step.name, queue=v.queue, attempt=v.attempt,
+                      state=state, result=text, outcome="done", next_step=None)
+
+
+def _failed(v: Visit, state: str, error: dict[str, Any]) -> Transition:
+    return Transition(status="failed", step=v.step.name, queue=v.queue, attempt=v.attempt,
+                      state=state, error=_dumps(error), outcome="fail", next_step=None)
+
+
+def _dumps(value: Any) -> str:
+    return payloads.check(value, what="error", max_bytes=10**7)

@@ -1,0 +1,71 @@
+"""The identity of a worker process: its ``workers`` row and the heartbeat thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from durable_celery.storage.store import Store
+
+log = logging.getLogger("durable_celery.worker")
+
+
+class WorkerIdentity:
+    """Registered lazily in the process that executes steps; re-created after a fork.
+
+    The heartbeat thread beats every ``interval`` seconds. If its row disappeared (the
+    reaper judged the process dead, e.g. after a long SIGSTOP), it registers again: its
+    old claims are gone and their late commits are refused by the lease guard.
+    """
+
+    def __init__(self, store: Store, *, interval: float, nodename: str | None = None) -> None:
+        self.store = store
+        self.interval = interval
+        self.nodename = nodename
+        self.pid = os.getpid()
+        self.id = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:12]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def ensure(self) -> str:
+        """Register (once) and start beating; returns the worker id."""
+        if self._registered:
+            return self.id
+        with self._lock:
+            if not self._registered:
+                self._register()
+                self._thread = threading.Thread(target=self._beat, name="durable-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+                self._registered = True
+        return self.id
+
+    def _register(self) -> None:
+        self.store.register_worker(self.id, hostname=socket.gethostname(), pid=self.pid,
+                                   nodename=self.nodename)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.store.heartbeat(self.id):
+                    log.warning("worker row %s was reaped; registering again", self.id)
+                    self._register()
+            except Exception:  # keep beating through database blips
+                log.warning("heartbeat failed", exc_info=True)
+
+    def close(self) -> int:
+        """Stop beating, release held runs at once, remove the row. Returns runs released."""
+        self._stop.set()
+        if not self._registered or self.pid != os.getpid():
+            return 0
+        self._registered = False
+        try:
+            return self.store.deregister_worker(self.id)
+        except Exception:
+            log.warning("could not deregister worker %s", self.id, exc_info=True)
+            return 0

@@ -1,0 +1,94 @@
+"""Settings: keyword arguments, else Celery config ``durable_<name>``, else env
+``DURABLE_CELERY_<NAME>``, else the default. Frozen once built."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+from durable_celery import errors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    database_url: str | None = None
+    heartbeat_interval: float = 5.0
+    stale_after: float = 30.0
+    sweep_interval: float = 1.0
+    redispatch_after: float = 60.0
+    redispatch_max_backoff: float = 3600.0
+    retention: timedelta = field(default_factory=lambda: timedelta(days=7))
+    gc_batch_size: int = 1000
+    sweep_batch_size: int = 500
+    max_recoveries: int = 10
+    max_payload_bytes: int = 1_000_000
+    auto_migrate: bool = True
+    run_ahead: bool = True
+    run_ahead_limit: int = 100
+    coordinator: bool = True
+    pool_size: int = 4
+
+    def __post_init__(self) -> None:
+        positive = ("heartbeat_interval", "stale_after", "sweep_interval", "redispatch_after",
+                    "redispatch_max_backoff")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise errors.ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.stale_after <= self.heartbeat_interval:
+            raise errors.ConfigurationError(
+                f"stale_after ({self.stale_after}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}), or live workers would be reaped"
+            )
+        for name in ("gc_batch_size", "sweep_batch_size", "max_recoveries", "max_payload_bytes",
+                     "run_ahead_limit", "pool_size"):
+            if not getattr(self, name) >= 1:
+                raise errors.ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.retention.total_seconds() <= 0:
+            raise errors.ConfigurationError("retention must be positive")
+
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True,
+         "0": False, "false": False, "no": False, "off": False}
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if kind in ("float", float):
+            return float(value)
+        if kind in ("int", int):
+            return int(value)
+        if kind in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            return _BOOL[str(value).strip().lower()]
+        if kind in ("timedelta", timedelta):
+            return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.ConfigurationError(f"setting {name} has a bad value {value!r}") from exc
+    return value if value is None else str(value)
+
+
+def build(overrides: Mapping[str, Any], celery_conf: Mapping[str, Any] | None = None,
+          env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from keyword overrides, the Celery config and the environment."""
+    env = os.environ if env is None else env
+    known = {f.name: f.type for f in fields(Settings)}
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise errors.ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name, kind in known.items():
+        kind = str(kind).split("|")[0].strip()
+        if overrides.get(name) is not None:
+            raw: Any = overrides[name]
+        elif celery_conf is not None and celery_conf.get(f"durable_{name}") is not None:
+            raw = celery_conf.get(f"durable_{name}")
+        elif env.get(f"DURABLE_CELERY_{name.upper()}"):
+            raw = env[f"DURABLE_CELERY_{name.upper()}"]
+        else:
+            continue
+        values[name] = _coerce(name, kind, raw)
+    return Settings(**values)

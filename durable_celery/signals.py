@@ -1,0 +1,64 @@
+"""Durable signals to runs (not Celery's signals), and the built-in tasks other Celery apps
+call by name with JSON kwargs: ``durable_celery.signal`` and ``durable_celery.start``."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from durable_celery import errors, payloads
+from durable_celery.runtime.outcomes import check_signal_name
+from durable_celery.storage.records import SignalResult
+
+if TYPE_CHECKING:
+    from durable_celery.app import Durable
+
+log = logging.getLogger("durable_celery.signals")
+
+
+def send(durable: Durable, target: Any, name: Any, payload: Any = None, *,
+         dedup_key: Any = None) -> SignalResult:
+    from durable_celery.app import check_identifier
+
+    check_identifier(target, "target")
+    check_signal_name(name)
+    if dedup_key is not None:
+        check_identifier(dedup_key, "dedup_key")
+    text = payloads.check(payload, what="payload", max_bytes=durable.settings.max_payload_bytes)
+    durable._ensure_ready()
+    result, dispatch = durable.store.signal(target=target, name=name, payload=text,
+                                            dedup_key=dedup_key)
+    if dispatch is not None:
+        durable._publish(dispatch)
+    return result
+
+
+def register_tasks(durable: Durable) -> None:
+    """Tasks callable by name from any Celery app, without importing workflow code."""
+    app = durable.app
+
+    @app.task(name="durable_celery.signal", ignore_result=True, serializer="json",
+              typing=False)
+    def signal_task(target: Any = None, name: Any = None, payload: Any = None,
+                    dedup_key: Any = None) -> dict[str, Any] | None:
+        try:
+            result = send(durable, target, name, payload, dedup_key=dedup_key)
+        except (errors.InvalidArgument, errors.NoTarget) as exc:
+            log.error("durable_celery.signal refused: %s", exc)
+            return None
+        return {"workflow_id": result.workflow_id, "duplicate": result.duplicate,
+                "woke": result.woke}
+
+    @app.task(name="durable_celery.start", ignore_result=True, serializer="json", typing=False)
+    def start_task(workflow: Any = None, state: Any = None, key: Any = None,
+                   workflow_id: Any = None, version: Any = None) -> str | None:
+        try:
+            wf = durable.get_definition(workflow, version)
+            return wf.start(state, key=key, workflow_id=workflow_id)
+        except errors.DuplicateWorkflow as exc:
+            # Idempotent by key / id: the run the caller meant already exists.
+            log.info("durable_celery.start: %s", exc)
+            return exc.existing_id
+        except errors.InvalidArgument as exc:
+            log.error("durable_celery.start refused: %s", exc)
+            return None

@@ -1,0 +1,160 @@
+"""Frozen records returned by the store; never raw rows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+STATUSES = frozenset({"runnable", "executing", "awaiting"}) | TERMINAL
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """A snapshot of one run, as ``durable.get_workflow`` returns it."""
+
+    workflow_id: str
+    workflow: str
+    version: int
+    status: str
+    step: str
+    seq: int
+    attempt: int
+    state: Any
+    input: Any
+    result: Any
+    error: Any
+    key: str | None
+    queue: str
+    priority: int
+    parent_id: str | None
+    eligible_at: datetime
+    await_names: tuple[str, ...] | None
+    await_deadline: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    forked_from: str | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Run:
+        names = row["await_names"]
+        return cls(
+            workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
+            status=row["status"], step=row["step"], seq=row["seq"], attempt=row["attempt"],
+            state=row["state"], input=row["input"], result=row["result"], error=row["error"],
+            key=row["key"], queue=row["queue"], priority=row["priority"],
+            parent_id=row["parent_id"], eligible_at=row["eligible_at"],
+            await_names=tuple(names) if names is not None else None,
+            await_deadline=row["await_deadline"], created_at=row["created_at"],
+            updated_at=row["updated_at"], finished_at=row["finished_at"],
+            forked_from=row["forked_from"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord:
+    """One committed outcome in a run's history."""
+
+    workflow_id: str
+    seq: int
+    step: str
+    attempt: int
+    outcome: str
+    next_step: str | None
+    state: Any
+    error: Any
+    started_at: datetime | None
+    finished_at: datetime
+    worker: str | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StepRecord:
+        return cls(
+            workflow_id=row["run_id"], seq=row["seq"], step=row["step"], attempt=row["attempt"],
+            outcome=row["outcome"], next_step=row["next_step"], state=row["state"],
+            error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"],
+            worker=row["worker"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signal:
+    """A signal as a step sees it in ``ctx.signals``."""
+
+    id: int
+    name: str
+    payload: Any
+    dedup_key: str | None
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signal:
+        created = data.get("created_at")
+        return cls(id=int(data["id"]), name=data["name"], payload=data.get("payload"),
+                   dedup_key=data.get("dedup_key"),
+                   created_at=datetime.fromisoformat(created) if isinstance(created, str) else created)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """What a successful claim hands the executor."""
+
+    workflow_id: str
+    workflow: str
+    version: int
+    step: str
+    seq: int
+    visit: int
+    attempt: int
+    state: Any
+    key: str | None
+    run_queue: str | None
+    queue: str
+    priority: int
+    timed_out: bool
+    lease: str
+    signals: tuple[Signal, ...]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], lease: str) -> Claim:
+        return cls(
+            workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
+            step=row["step"], seq=row["seq"], visit=row["visit"], attempt=row["attempt"],
+            state=row["state"], key=row["key"], run_queue=row["run_queue"], queue=row["queue"],
+            priority=row["priority"], timed_out=row["timed_out"], lease=lease,
+            signals=tuple(Signal.from_json(s) for s in (row["signals"] or ())),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispatch:
+    """A message to publish: run ``step`` of ``workflow_id`` at ``seq``."""
+
+    workflow_id: str
+    workflow: str
+    step: str
+    seq: int
+    queue: str
+    priority: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Dispatch:
+        return cls(workflow_id=row["id"], workflow=row["workflow"], step=row["step"],
+                   seq=row["seq"], queue=row["queue"], priority=row["priority"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalResult:
+    """What ``durable.signal`` returns."""
+
+    workflow_id: str
+    signal_id: int | None
+    duplicate: bool
+    woke: bool

@@ -1,0 +1,528 @@
+"""Every SQL statement durable_celery runs, behind one small class.
+
+Each state transition is one guarded statement; zero rows back means "lost the race or
+nothing to do", and the caller decides. Locks are always taken in the same order: the run
+row first, then its signals.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from durable_celery import errors
+from durable_celery.storage import migrate
+from durable_celery.storage.engine import EngineHolder
+from durable_celery.storage.records import Claim, Dispatch, Run, Signal, SignalResult, StepRecord
+
+S = migrate.SCHEMA
+WAKEUP_CHANNEL = "durable_celery_wakeup"
+
+RUN_COLUMNS = (
+    "id, workflow, version, status, step, seq, attempt, state, input, result, error, key, "
+    "queue, priority, parent_id, eligible_at, await_names, await_deadline, created_at, "
+    "updated_at, finished_at, forked_from"
+)
+DISPATCH_COLUMNS = "id, workflow, step, seq, queue, priority"
+
+
+def _q(sql: str) -> sa.TextClause:
+    return sa.text(sql.replace("{S}", S))
+
+
+# ---------------------------------------------------------------------------- statements
+
+START = _q("""
+INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
+                      input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
+                      parent_id, forked_from, app_version)
+SELECT :id, :workflow, :version, :queue, :run_queue, :priority, 'runnable', :step,
+       CAST(:state AS jsonb), CAST(:state AS jsonb), :key, t.due,
+       CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
+       CASE WHEN t.due > now() THEN NULL ELSE now() END,
+       CASE WHEN t.due > now() THEN 0 ELSE 1 END,
+       :parent_id, :forked_from, :app_version
+FROM (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
+                                      now() + make_interval(secs => :delay))) AS due) AS t
+ON CONFLICT DO NOTHING
+RETURNING id, eligible_at > now() AS delayed
+""")
+
+FIND_CONFLICT = _q("""
+SELECT id FROM {S}.runs
+WHERE id = :id OR (CAST(:key AS text) IS NOT NULL AND key = :key AND finished_at IS NULL)
+ORDER BY (id = :id) DESC LIMIT 1
+""")
+
+UNPUBLISHED = _q("""
+UPDATE {S}.runs SET dispatch_at = now(), dispatched_at = NULL, dispatch_count = 0
+WHERE id = :id AND status = 'runnable' AND seq = :seq
+""")
+
+CLAIM = _q("""
+UPDATE {S}.runs AS r
+SET status = 'executing', owner = :owner, lease = :lease, started_at = now(), updated_at = now()
+WHERE r.id = :id AND r.seq = :seq AND r.status = 'runnable' AND r.eligible_at <= now()
+RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
+          r.queue, r.priority, r.timed_out, r.started_at,
+          (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'name', s.name, 'payload', s.payload,
+                                               'dedup_key', s.dedup_key,
+                                               'created_at', s.created_at) ORDER BY s.id)
+             FROM {S}.signals AS s
+            WHERE s.run_id = r.id AND s.delivered_at IS NOT NULL
+              AND s.consumed_at IS NULL) AS signals
+""")
+
+RELEASE = _q("""
+UPDATE {S}.runs
+SET status = 'runnable', owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
+    dispatch_at = now() + make_interval(secs => :after), dispatched_at = NULL, dispatch_count = 0
+WHERE id = :id AND lease = :lease AND status = 'executing'
+""")
+
+COMMIT = _q("""
+WITH r AS (
+  UPDATE {S}.runs SET
+    status = :status, step = :step, queue = :queue, seq = seq + 1, attempt = :attempt,
+    visit = CASE WHEN :outcome = 'retry' THEN visit ELSE seq + 1 END, recoveries = 0,
+    state = CAST(:state AS jsonb), result = CAST(:result AS jsonb), error = CAST(:error AS jsonb),
+    eligible_at = COALESCE(CAST(:until AS timestamptz), now() + make_interval(secs => :delay)),
+    dispatch_at = CASE WHEN :status = 'runnable' THEN
+        CASE WHEN :publish THEN now() + make_interval(secs => :redispatch)
+             ELSE COALESCE(CAST(:until AS timestamptz), now() + make_interval(secs => :delay))
+        END END,
+    dispatched_at = CASE WHEN :publish THEN now() END,
+    dispatch_count = CASE WHEN :publish THEN 1 ELSE 0 END,
+    await_names = CAST(:await_names AS text[]),
+    await_deadline = now() + make_interval(secs => CAST(:deadline AS double precision)),
+    timed_out = false,
+    owner = CASE WHEN :status = 'executing' THEN owner END,
+    lease = CASE WHEN :status = 'executing' THEN lease END,
+    started_at = CASE WHEN :status = 'executing' THEN now() END,
+    finished_at = CASE WHEN :terminal THEN now() END,
+    updated_at = now()
+  WHERE id = :id AND lease = :lease AND status = 'executing' AND seq = :seq
+  RETURNING id, workflow, step, seq, queue, priority, status
+), h AS (
+  INSERT INTO {S}.steps (run_id, seq, step, attempt, outcome, next_step, state, error,
+                         started_at, worker)
+  SELECT r.id, r.seq, :ran_step, :ran_attempt, :outcome, :next_step, CAST(:state AS jsonb),
+         CAST(:error AS jsonb), :started_at, :worker
+  FROM r
+), c AS (
+  UPDATE {S}.signals AS s SET consumed_at = now(), consumed_seq = r.seq
+  FROM r
+  WHERE :consume AND s.run_id = r.id AND s.delivered_at IS NOT NULL AND s.consumed_at IS NULL
+)
+SELECT * FROM r
+""")
+
+# Parking re-checks the inbox under the row lock the commit holds: a signal committed
+# before the park is delivered now; one committed after finds the run awaiting.
+WAKE_FROM_INBOX = _q("""
+WITH d AS (
+  UPDATE {S}.signals SET delivered_at = now()
+  WHERE run_id = :id AND delivered_at IS NULL AND name = ANY(CAST(:names AS text[]))
+  RETURNING id
+)
+UPDATE {S}.runs SET status = 'runnable', await_names = NULL, await_deadline = NULL,
+    eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
+    dispatched_at = now(), dispatch_count = 1, updated_at = now()
+WHERE id = :id AND status = 'awaiting' AND EXISTS (SELECT 1 FROM d)
+RETURNING """ + DISPATCH_COLUMNS)
+
+NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
+
+# --- signals
+
+LOCK_TARGET = _q("""
+SELECT id, status, await_names, finished_at FROM {S}.runs
+WHERE id = :target OR (key = :target AND finished_at IS NULL)
+ORDER BY (id = :target) DESC
+LIMIT 1
+FOR UPDATE
+""")
+
+INSERT_SIGNAL = _q("""
+INSERT INTO {S}.signals (run_id, name, payload, dedup_key)
+VALUES (:run_id, :name, CAST(:payload AS jsonb), :dedup_key)
+ON CONFLICT ON CONSTRAINT signals_dedup_key DO NOTHING
+RETURNING id
+""")
+
+# --- sweeps
+
+DISPATCH_DUE = _q("""
+WITH due AS (
+  SELECT id FROM {S}.runs
+  WHERE status = 'runnable' AND dispatch_at <= now()
+  ORDER BY priority DESC, dispatch_at
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE {S}.runs AS r SET
+  dispatched_at = now(), dispatch_count = r.dispatch_count + 1, updated_at = now(),
+  dispatch_at = now() + make_interval(secs => LEAST(
+      :redispatch * power(2, LEAST(r.dispatch_count, 30)), :max_backoff))
+FROM due WHERE r.id = due.id
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
+""")
+
+EXPIRE_AWAITS = _q("""
+WITH due AS (
+  SELECT id FROM {S}.runs
+  WHERE status = 'awaiting' AND await_deadline <= now()
+  ORDER BY await_deadline
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE {S}.runs AS r SET
+  status = 'runnable', timed_out = true, await_names = NULL, await_deadline = NULL,
+  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
+  dispatched_at = now(), dispatch_count = 1, updated_at = now()
+FROM due WHERE r.id = due.id
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
+""")
+
+NEXT_DUE = _q("""
+SELECT LEAST(
+  (SELECT min(dispatch_at) FROM {S}.runs WHERE status = 'runnable'),
+  (SELECT min(await_deadline) FROM {S}.runs
+    WHERE status = 'awaiting' AND await_deadline IS NOT NULL)
+) - now()
+""")
+
+REAP = _q("""
+WITH lost AS (
+  SELECT r.id FROM {S}.runs AS r
+  WHERE r.status = 'executing'
+    AND NOT EXISTS (SELECT 1 FROM {S}.workers AS w
+                    WHERE w.id = r.owner
+                      AND w.heartbeat_at >= now() - make_interval(secs => :stale))
+  LIMIT :limit
+  FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE {S}.runs AS r SET
+  status = CASE WHEN r.recoveries + 1 >= :max_recoveries THEN 'failed' ELSE 'runnable' END,
+  finished_at = CASE WHEN r.recoveries + 1 >= :max_recoveries THEN now() END,
+  attempt = r.attempt + 1, recoveries = r.recoveries + 1,
+  error = jsonb_build_object('type', 'WorkerLost',
+                             'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
+                             'worker', r.owner),
+  owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
+  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
+  dispatched_at = now(), dispatch_count = 1
+FROM lost WHERE r.id = lost.id
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status
+""")
+
+DELETE_DEAD_WORKERS = _q("""
+DELETE FROM {S}.workers
+WHERE heartbeat_at < now() - make_interval(secs => :stale)
+  AND NOT EXISTS (SELECT 1 FROM {S}.runs AS r WHERE r.status = 'executing'
+                  AND r.owner = workers.id)
+""")
+
+GC = _q("""
+DELETE FROM {S}.runs WHERE id IN (
+  SELECT id FROM {S}.runs
+  WHERE finished_at < now() - make_interval(secs => :retention)
+  ORDER BY finished_at
+  LIMIT :limit
+  FOR UPDATE SKIP LOCKED
+)
+""")
+
+# --- workers
+
+REGISTER_WORKER = _q("""
+INSERT INTO {S}.workers (id, hostname, pid, nodename) VALUES (:id, :hostname, :pid, :nodename)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+""")
+
+HEARTBEAT = _q("UPDATE {S}.workers SET heartbeat_at = now() WHERE id = :id")
+
+RELEASE_OWNED = _q("""
+UPDATE {S}.runs SET status = 'runnable', owner = NULL, lease = NULL, started_at = NULL,
+    updated_at = now(), eligible_at = now(), dispatch_at = now(), dispatched_at = NULL,
+    dispatch_count = 0
+WHERE status = 'executing' AND owner = :id
+""")
+
+DELETE_WORKER = _q("DELETE FROM {S}.workers WHERE id = :id")
+
+# --- reads
+
+GET_RUN = _q(f"SELECT {RUN_COLUMNS} FROM {{S}}.runs WHERE id = :id")
+
+HISTORY = _q("SELECT * FROM {S}.steps WHERE run_id = :id ORDER BY seq")
+
+STATUS = _q("SELECT status, result, error FROM {S}.runs WHERE id = :id")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition:
+    """A step's outcome, ready to commit."""
+
+    status: str                   # runnable | executing (run-ahead) | awaiting | done | failed
+    step: str                     # the step to run next (the same step for terminal)
+    queue: str
+    attempt: int
+    state: str                    # JSON text
+    result: str | None = None     # JSON text
+    error: str | None = None      # JSON text
+    delay: float = 0.0
+    until: datetime | None = None
+    publish: bool = False         # runnable and due now: the caller publishes after commit
+    await_names: Sequence[str] | None = None
+    deadline: float | None = None
+    outcome: str                  # history label
+    next_step: str | None
+    consume: bool = True          # the signals this step saw are consumed
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Committed:
+    """A commit that took effect; ``dispatch`` is set when a message must be published."""
+
+    seq: int
+    status: str
+    dispatch: Dispatch | None
+
+
+class Store:
+    """All database access. Safe to share between threads; engines are per process."""
+
+    def __init__(self, holder: EngineHolder, *, redispatch_after: float,
+                 redispatch_max_backoff: float) -> None:
+        self.db = holder
+        self.redispatch_after = redispatch_after
+        self.redispatch_max_backoff = redispatch_max_backoff
+
+    # ------------------------------------------------------------------ runs
+
+    def start(self, *, workflow_id: str | None, workflow: str, version: int, step: str,
+              queue: str, run_queue: str | None, state: str, key: str | None, delay: float,
+              at: datetime | None, priority: int = 0, parent_id: str | None = None,
+              forked_from: str | None = None, app_version: str | None = None,
+              ) -> tuple[str, bool]:
+        """Insert a runnable run; returns ``(workflow_id, publish_now)``."""
+        run_id = workflow_id or str(uuid.uuid4())
+        params = {"id": run_id, "workflow": workflow, "version": version, "queue": queue,
+                  "run_queue": run_queue, "priority": priority, "step": step, "state": state,
+                  "key": key, "delay": float(delay), "at": at,
+                  "redispatch": self.redispatch_after, "parent_id": parent_id,
+                  "forked_from": forked_from, "app_version": app_version}
+        for _ in range(3):
+            with self.db.begin() as conn:
+                row = conn.execute(START, params).mappings().first()
+                if row is not None:
+                    if row["delayed"]:
+                        conn.execute(NOTIFY)
+                    return run_id, not row["delayed"]
+                existing = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).scalar()
+            if existing is not None:
+                what = f"workflow_id {run_id!r}" if existing == run_id else f"key {key!r}"
+                raise errors.DuplicateWorkflow(
+                    f"{what} is already used by run {existing!r}", existing_id=existing,
+                    key=key,
+                )
+            # The conflicting run finished between the insert and the lookup: try again.
+        raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
+
+    def mark_unpublished(self, workflow_id: str, seq: int) -> None:
+        """Publishing failed: let the next dispatcher sweep publish it."""
+        with self.db.begin() as conn:
+            conn.execute(UNPUBLISHED, {"id": workflow_id, "seq": seq})
+
+    def claim(self, workflow_id: str, seq: int, owner: str) -> tuple[Claim, datetime] | None:
+        lease = uuid.uuid4().hex
+        with self.db.begin() as conn:
+            row = conn.execute(CLAIM, {"id": workflow_id, "seq": seq, "owner": owner,
+                                       "lease": lease}).mappings().first()
+        if row is None:
+            return None
+        return Claim.from_row(row, lease), row["started_at"]
+
+    def release(self, claim: Claim, after: float) -> bool:
+        with self.db.begin() as conn:
+            return bool(conn.execute(RELEASE, {"id": claim.workflow_id, "lease": claim.lease,
+                                               "after": after}).rowcount)
+
+    def commit(self, claim: Claim, transition: Transition, *, worker: str,
+               started_at: datetime | None) -> Committed | None:
+        """Commit an outcome under the claim's lease; None when the lease was lost."""
+        t = transition
+        params = {
+            "id": claim.workflow_id, "lease": claim.lease, "seq": claim.seq,
+            "status": t.status, "step": t.step, "queue": t.queue, "attempt": t.attempt,
+            "state": t.state, "result": t.result, "error": t.error, "delay": float(t.delay),
+            "until": t.until, "publish": t.publish, "redispatch": self.redispatch_after,
+            "await_names": list(t.await_names) if t.await_names is not None else None,
+            "deadline": t.deadline, "terminal": t.terminal, "ran_step": claim.step,
+            "ran_attempt": claim.attempt, "outcome": t.outcome, "next_step": t.next_step,
+            "started_at": started_at, "worker": worker, "consume": t.consume,
+        }
+        with self.db.begin() as conn:
+            row = conn.execute(COMMIT, params).mappings().first()
+            if row is None:
+                return None
+            dispatch = Dispatch.from_row(row) if t.publish else None
+            status = row["status"]
+            if t.status == "awaiting":
+                woke = conn.execute(WAKE_FROM_INBOX, {
+                    "id": claim.workflow_id, "names": list(t.await_names or ()),
+                    "redispatch": self.redispatch_after}).mappings().first()
+                if woke is not None:
+                    dispatch, status = Dispatch.from_row(woke), "runnable"
+            timer = (t.status == "runnable" and not t.publish) or (
+                t.deadline is not None and status == "awaiting")
+            if timer:  # wake the dispatchers so they re-plan their sleep
+                conn.execute(NOTIFY)
+        return Committed(seq=row["seq"], status=status, dispatch=dispatch)
+
+    def get(self, workflow_id: str) -> Run | None:
+        with self.db.connect() as conn:
+            row = conn.execute(GET_RUN, {"id": workflow_id}).mappings().first()
+        return Run.from_row(row) if row is not None else None
+
+    def status(self, workflow_id: str) -> tuple[str, Any, Any] | None:
+        with self.db.connect() as conn:
+            row = conn.execute(STATUS, {"id": workflow_id}).first()
+        return (row[0], row[1], row[2]) if row is not None else None
+
+    def list(self, *, workflow: str | None, status: str | None, limit: int) -> list[Run]:
+        clauses, params = [], {"limit": limit}
+        if workflow is not None:
+            clauses.append("workflow = :workflow")
+            params["workflow"] = workflow  # type: ignore[assignment]
+        if status is not None:
+            clauses.append("status = :status")
+            params["status"] = status  # type: ignore[assignment]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = _q(f"SELECT {RUN_COLUMNS} FROM {{S}}.runs {where} "
+                 "ORDER BY created_at DESC, id LIMIT :limit")
+        with self.db.connect() as conn:
+            return [Run.from_row(r) for r in conn.execute(sql, params).mappings()]
+
+    def history(self, workflow_id: str) -> list[StepRecord]:
+        with self.db.connect() as conn:
+            return [StepRecord.from_row(r)
+                    for r in conn.execute(HISTORY, {"id": workflow_id}).mappings()]
+
+    # ------------------------------------------------------------------ signals
+
+    def signal(self, *, target: str, name: str, payload: str, dedup_key: str | None,
+               ) -> tuple[SignalResult, Dispatch | None]:
+        with self.db.begin() as conn:
+            run = conn.execute(LOCK_TARGET, {"target": target}).mappings().first()
+            if run is None or run["finished_at"] is not None:
+                state = "finished" if run is not None else "missing"
+                raise errors.NoTarget(
+                    f"no live run has workflow_id or key {target!r} ({state})",
+                    target=target, reason=state,
+                )
+            run_id = run["id"]
+            signal_id = conn.execute(INSERT_SIGNAL, {
+                "run_id": run_id, "name": name, "payload": payload, "dedup_key": dedup_key,
+            }).scalar()
+            if signal_id is None:
+                return SignalResult(workflow_id=run_id, signal_id=None, duplicate=True,
+                                    woke=False), None
+            dispatch = None
+            if run["status"] == "awaiting" and name in (run["await_names"] or ()):
+                row = conn.execute(WAKE_FROM_INBOX, {
+                    "id": run_id, "names": list(run["await_names"]),
+                    "redispatch": self.redispatch_after}).mappings().first()
+                dispatch = Dispatch.from_row(row) if row is not None else None
+        return SignalResult(workflow_id=run_id, signal_id=int(signal_id), duplicate=False,
+                            woke=dispatch is not None), dispatch
+
+    # ------------------------------------------------------------------ sweeps
+
+    def dispatch_due(self, limit: int) -> list[Dispatch]:
+        with self.db.begin() as conn:
+            rows = conn.execute(DISPATCH_DUE, {
+                "limit": limit, "redispatch": self.redispatch_after,
+                "max_backoff": self.redispatch_max_backoff}).mappings().all()
+        return [Dispatch.from_row(r) for r in rows]
+
+    def expire_awaits(self, limit: int) -> list[Dispatch]:
+        with self.db.begin() as conn:
+            rows = conn.execute(EXPIRE_AWAITS, {
+                "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
+        return [Dispatch.from_row(r) for r in rows]
+
+    def seconds_to_next_due(self) -> float | None:
+        with self.db.connect() as conn:
+            delta = conn.execute(NEXT_DUE).scalar()
+        return None if delta is None else delta.total_seconds()
+
+    def reap(self, *, stale_after: float, max_recoveries: int, limit: int,
+             ) -> tuple[list[Dispatch], int]:
+        """Return runs of dead workers to runnable; returns (to publish, failed count)."""
+        with self.db.begin() as conn:
+            rows = conn.execute(REAP, {"stale": stale_after, "max_recoveries": max_recoveries,
+                                       "limit": limit, "redispatch": self.redispatch_after,
+                                       }).mappings().all()
+            conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
+        publish = [Dispatch.from_row(r) for r in rows if r["status"] == "runnable"]
+        return publish, len(rows) - len(publish)
+
+    def collect_garbage(self, *, retention_seconds: float, limit: int) -> int:
+        with self.db.begin() as conn:
+            return int(conn.execute(GC, {"retention": retention_seconds,
+                                         "limit": limit}).rowcount)
+
+    # ------------------------------------------------------------------ workers
+
+    def register_worker(self, worker_id: str, *, hostname: str, pid: int,
+                        nodename: str | None) -> None:
+        with self.db.begin() as conn:
+            conn.execute(REGISTER_WORKER, {"id": worker_id, "hostname": hostname, "pid": pid,
+                                           "nodename": nodename})
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Beat; False when the row is gone (this worker was reaped and must re-register)."""
+        with self.db.begin() as conn:
+            return bool(conn.execute(HEARTBEAT, {"id": worker_id}).rowcount)
+
+    def deregister_worker(self, worker_id: str) -> int:
+        """Release what this worker holds at once and remove its row."""
+        with self.db.begin() as conn:
+            released = conn.execute(RELEASE_OWNED, {"id": worker_id}).rowcount
+            conn.execute(DELETE_WORKER, {"id": worker_id})
+            if released:
+                conn.execute(NOTIFY)
+        return int(released)
+
+    # ------------------------------------------------------------------ test kit
+
+    def collapse_timers(self, *, expire_awaits: bool) -> int:
+        """Make every timer due now (testing.drain)."""
+        sql = "UPDATE {S}.runs SET eligible_at = now(), dispatch_at = now() " \
+              "WHERE status = 'runnable' AND eligible_at > now()"
+        with self.db.begin() as conn:
+            n = conn.execute(_q(sql)).rowcount
+            if expire_awaits:
+                n += conn.execute(_q(
+                    "UPDATE {S}.runs SET await_deadline = now() "
+                    "WHERE status = 'awaiting' AND await_deadline > now()")).rowcount
+        return int(n)
+
+    def runnable_now(self, limit: int) -> list[Dispatch]:
+        with self.db.connect() as conn:
+            rows = conn.execute(_q(
+                f"SELECT {DISPATCH_COLUMNS} FROM {{S}}.runs WHERE status = 'runnable' "
+                "AND eligible_at <= now() ORDER BY priority DESC, eligible_at LIMIT :limit"),
+                {"limit": limit}).mappings().all()
+        return [Dispatch.from_row(r) for r in rows]
