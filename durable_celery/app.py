@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import os
 import threading
 import time
@@ -127,7 +128,7 @@ class Durable:
         def run_step(workflow_id: Any, seq: Any) -> None:
             executor.execute(durable, workflow_id, seq)
 
-        run_step.__name__ = run_step.__qualname__ = f"{wf.name}.{step.name}"
+        run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
         self.app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
                       typing=False, queue=wf.queue_for(step))(run_step)
 

@@ -1,0 +1,183 @@
+"""``durable-celery``: thin commands over the public API. JSON out, non-zero exit on error."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import signal as os_signal
+import sys
+import threading
+from datetime import datetime
+from typing import Any
+
+import click
+
+from durable_celery import errors
+
+
+def _json(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        return repr(obj)
+
+    return json.dumps(value, default=default, indent=2, sort_keys=True)
+
+
+def load_durable(app_path: str | None, database_url: str | None, broker_url: str | None) -> Any:
+    """Find the Durable of ``module[:attr]``, or build a bare one from URLs.
+
+    A bare Durable (no workflow code) is enough for the coordinator and for signals: it
+    publishes by task name and never runs steps.
+    """
+    from celery import Celery
+
+    from durable_celery.app import Durable
+
+    if app_path:
+        module_name, _, attr = app_path.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise click.UsageError(f"cannot import {module_name!r}: {exc}") from exc
+        candidates = [getattr(module, attr)] if attr else list(vars(module).values())
+        for obj in candidates:
+            if isinstance(obj, Durable):
+                return obj
+            found = getattr(obj, "_durable_celery", None) if isinstance(obj, Celery) else None
+            if found is not None:
+                return found
+        raise click.UsageError(f"no Durable (or Celery app with one) found in {app_path!r}")
+    app = Celery("durable_celery", broker=broker_url)
+    return Durable(app, database_url=database_url)
+
+
+def _fail(exc: errors.DurableCeleryError) -> None:
+    click.echo(_json(exc.body), err=True)
+    sys.exit(2 if exc.status < 500 else 1)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.DurableCeleryError as exc:
+            _fail(exc)
+
+
+app_option = click.option("-A", "--app", "app_path", envvar="DURABLE_CELERY_APP",
+                          help="module[:attr] holding your Durable or Celery app.")
+db_option = click.option("--database-url", envvar="DURABLE_CELERY_DATABASE_URL",
+                         help="Postgres URL (when no --app).")
+broker_option = click.option("--broker-url", envvar="CELERY_BROKER_URL",
+                             help="Celery broker URL (when no --app).")
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """Durable workflows on Celery and Postgres."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@app_option
+@db_option
+@broker_option
+def migrate(app_path: str | None, database_url: str | None, broker_url: str | None) -> None:
+    """Apply pending schema migrations."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json({"applied": durable.migrate()}))
+
+
+@main.command()
+@app_option
+@db_option
+@broker_option
+@click.option("--once", is_flag=True, help="Run every sweep once and exit.")
+def coordinator(app_path: str | None, database_url: str | None, broker_url: str | None,
+                once: bool) -> None:
+    """Run the coordinator sweeps alone (they also run inside every celery worker)."""
+    durable = load_durable(app_path, database_url, broker_url)
+    durable._ensure_ready()
+    coord = durable.coordinator()
+    if once:
+        click.echo(_json({"work_done": coord.run_once()}))
+        return
+    stop = threading.Event()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        os_signal.signal(sig, lambda *_: stop.set())
+    coord.start()
+    click.echo("durable_celery coordinator running; Ctrl-C to stop", err=True)
+    stop.wait()
+    coord.stop()
+
+
+@main.command()
+@app_option
+@db_option
+@broker_option
+@click.argument("workflow_id")
+@click.option("--history", is_flag=True, help="Also print the committed steps.")
+def status(app_path: str | None, database_url: str | None, broker_url: str | None,
+           workflow_id: str, history: bool) -> None:
+    """Show one run."""
+    durable = load_durable(app_path, database_url, broker_url)
+    out: dict[str, Any] = {"run": durable.get_workflow(workflow_id)}
+    if history:
+        out["steps"] = durable.workflow_steps(workflow_id)
+    click.echo(_json(out))
+
+
+@main.command(name="list")
+@app_option
+@db_option
+@broker_option
+@click.option("--workflow", default=None)
+@click.option("--status", "status_", default=None)
+@click.option("--limit", default=100, type=int)
+def list_(app_path: str | None, database_url: str | None, broker_url: str | None,
+          workflow: str | None, status_: str | None, limit: int) -> None:
+    """List runs, newest first."""
+    durable = load_durable(app_path, database_url, broker_url)
+    runs = durable.list_workflows(workflow, status_, limit)
+    click.echo(_json([{"workflow_id": r.workflow_id, "workflow": r.workflow, "status": r.status,
+                       "step": r.step, "key": r.key, "created_at": r.created_at} for r in runs]))
+
+
+@main.command(name="signal")
+@app_option
+@db_option
+@broker_option
+@click.argument("target")
+@click.argument("name")
+@click.option("--payload", default="null", help="JSON payload.")
+@click.option("--dedup-key", default=None)
+def signal_(app_path: str | None, database_url: str | None, broker_url: str | None,
+            target: str, name: str, payload: str, dedup_key: str | None) -> None:
+    """Send a durable signal to a run (by workflow_id or key)."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise errors.InvalidPayload(f"--payload is not JSON: {exc}") from exc
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.signal(target, name, data, dedup_key=dedup_key)))
+
+
+@main.command()
+@click.option("--data-dir", default=None, help="Where the embedded servers keep data.")
+@click.option("--runs", default=6, type=int, help="How many example runs to start.")
+def demo(data_dir: str | None, runs: int) -> None:
+    """Run the demo on embedded Postgres + Redis with a real worker, killed mid-run."""
+    from durable_celery import demo as demo_mod
+
+    sys.exit(demo_mod.main(data_dir=data_dir, runs=runs))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

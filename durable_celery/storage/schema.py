@@ -1,0 +1,128 @@
+"""The schema the code expects; tests/migration checks that the migrations produce exactly this.
+
+SQLAlchemy Core tables mirroring ``migrations/*.sql`` (applied in order) plus the
+``schema_version`` table that :mod:`durable_celery.storage.migrate` creates. The migrations
+stay the source of truth for the database; this module is the reviewed, declarative picture
+of their result. Change both together: a new migration and the matching edit here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from durable_celery.storage.migrate import SCHEMA
+
+metadata = sa.MetaData(schema=SCHEMA)
+
+TIMESTAMPTZ = sa.DateTime(timezone=True)
+NOW = sa.text("now()")
+ZERO = sa.text("0")
+
+RUN_STATUSES = ("runnable", "executing", "awaiting", "done", "failed", "cancelled")
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("applied_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("run_queue", sa.Text, nullable=True),
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default=ZERO),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("step", sa.Text, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("visit", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("recoveries", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("state", postgresql.JSONB, nullable=False),
+    sa.Column("input", postgresql.JSONB, nullable=False),
+    sa.Column("result", postgresql.JSONB, nullable=True),
+    sa.Column("error", postgresql.JSONB, nullable=True),
+    sa.Column("key", sa.Text, nullable=True),
+    sa.Column("parent_id", sa.Text, nullable=True),
+    sa.Column("eligible_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("dispatch_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("dispatched_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("dispatch_count", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("await_names", postgresql.ARRAY(sa.Text), nullable=True),
+    sa.Column("await_deadline", TIMESTAMPTZ, nullable=True),
+    sa.Column("timed_out", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("owner", sa.Text, nullable=True),
+    sa.Column("lease", sa.Text, nullable=True),
+    sa.Column("started_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("updated_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("finished_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("forked_from", sa.Text, nullable=True),
+    sa.Column("app_version", sa.Text, nullable=True),
+    sa.CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
+        name="runs_status_check",
+    ),
+)
+
+sa.Index("runs_dispatch_idx", runs.c.dispatch_at,
+         postgresql_where=sa.text("status = 'runnable'"))
+sa.Index("runs_owner_idx", runs.c.owner,
+         postgresql_where=sa.text("status = 'executing'"))
+sa.Index("runs_deadline_idx", runs.c.await_deadline,
+         postgresql_where=sa.text("status = 'awaiting' AND await_deadline IS NOT NULL"))
+sa.Index("runs_live_key_idx", runs.c.key, unique=True,
+         postgresql_where=sa.text("key IS NOT NULL AND finished_at IS NULL"))
+sa.Index("runs_parent_idx", runs.c.parent_id,
+         postgresql_where=sa.text("parent_id IS NOT NULL"))
+sa.Index("runs_finished_idx", runs.c.finished_at,
+         postgresql_where=sa.text("finished_at IS NOT NULL"))
+sa.Index("runs_workflow_created_idx", runs.c.workflow, runs.c.created_at)
+
+steps = sa.Table(
+    "steps", metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.id, ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("step", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("next_step", sa.Text, nullable=True),
+    sa.Column("state", postgresql.JSONB, nullable=False),
+    sa.Column("error", postgresql.JSONB, nullable=True),
+    sa.Column("started_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("finished_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("worker", sa.Text, nullable=True),
+)
+
+signals = sa.Table(
+    "signals", metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.id, ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("payload", postgresql.JSONB, nullable=True),
+    sa.Column("dedup_key", sa.Text, nullable=True),
+    sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("delivered_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("consumed_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("consumed_seq", sa.Integer, nullable=True),
+    sa.UniqueConstraint("run_id", "dedup_key", name="signals_dedup_key"),
+)
+
+sa.Index("signals_pending_idx", signals.c.run_id, signals.c.name,
+         postgresql_where=sa.text("consumed_at IS NULL"))
+
+workers = sa.Table(
+    "workers", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("hostname", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("nodename", sa.Text, nullable=True),
+    sa.Column("started_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("heartbeat_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+)

@@ -1,0 +1,193 @@
+"""The Celery app the end-to-end ``celery worker`` subprocesses load (``-A tests.e2e.workerapp``).
+
+``build()`` declares the test workflows on a fresh Celery app + Durable. The worker gets its
+app at import time from the ``E2E_*`` environment variables; the test process calls
+``build()`` itself (with the same arguments) to start runs, send signals and query, and never
+sets those variables, so importing this module there builds nothing.
+
+Steps record their side effects in ``public.e2e_effects`` (created by the test fixture) with
+plain psycopg, one row per execution, so tests can count how often each step really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from celery import Celery
+
+from durable_celery import Await, Done, Durable, Sleep
+
+SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
+                              "sweep_interval": 0.2, "redispatch_after": 3.0}
+
+PIPELINE_STEPS = ("s1", "s2", "s3", "s4", "s5")
+
+EFFECTS_DDL = """
+CREATE TABLE IF NOT EXISTS public.e2e_effects (
+    workflow_id text        NOT NULL,
+    step        text        NOT NULL,
+    attempt     int         NOT NULL,
+    pid         int         NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def psycopg_url(database_url: str) -> str:
+    """The SQLAlchemy ``postgresql+psycopg://`` URL as a libpq URL for plain psycopg."""
+    for prefix in ("postgresql+psycopg://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql://" + database_url[len(prefix):]
+    return database_url
+
+
+class Effects:
+    """Records step executions; one autocommit connection per process and thread."""
+
+    def __init__(self, database_url: str) -> None:
+        self.dsn = psycopg_url(database_url)
+        self._local = threading.local()
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or getattr(self._local, "pid", None) != os.getpid():
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def record(self, ctx: Any, step: str) -> None:
+        self._conn().execute(
+            "INSERT INTO public.e2e_effects (workflow_id, step, attempt, pid) "
+            "VALUES (%s, %s, %s, %s)", (ctx.workflow_id, step, ctx.attempt, os.getpid()))
+
+
+def _block(ctx: Any) -> None:
+    """Sleep ``state["block"]`` seconds while ``attempt < state["block_attempts"]`` (1)."""
+    seconds = float(ctx.state.get("block", 0))
+    if seconds and ctx.attempt < int(ctx.state.get("block_attempts", 1)):
+        time.sleep(seconds)
+
+
+@dataclass
+class E2EApp:
+    app: Celery
+    durable: Durable
+    effects: Effects
+
+    def close(self) -> None:
+        self.durable.close()
+        self.app.close()
+
+
+def build(broker_url: str, database_url: str, queue: str, *,
+          set_as_current: bool = True) -> E2EApp:
+    """A Celery app (default queue ``queue``) with a Durable and the e2e workflows."""
+    app = Celery("e2e", broker=broker_url, set_as_current=set_as_current)
+    app.conf.task_default_queue = queue
+    app.conf.broker_connection_retry_on_startup = True
+    durable = Durable(app, database_url=database_url, **SETTINGS)
+    effects = Effects(database_url)
+
+    # -- a 5-step pipeline: plain return values, run ahead in one task
+    pipeline = durable.workflow("pipeline")
+
+    def pipeline_step(name: str, last: bool) -> None:
+        def step(ctx: Any) -> Any:
+            effects.record(ctx, name)
+            pause = float(ctx.state.get("pause", 0))
+            if pause:
+                time.sleep(pause)
+            trail = [*ctx.state.get("trail", []), name]
+            if last:
+                return {"x": ctx.state["x"], "trail": trail}
+            return {**ctx.state, "trail": trail}
+
+        step.__name__ = name
+        pipeline.step(step)
+
+    for i, name in enumerate(PIPELINE_STEPS):
+        pipeline_step(name, last=i == len(PIPELINE_STEPS) - 1)
+
+    # -- a durable timer, then a signal
+    timer = durable.workflow("timer")
+
+    @timer.step
+    def nap(ctx: Any) -> Any:
+        effects.record(ctx, "nap")
+        return Sleep(seconds=float(ctx.state.get("sleep", 1)))
+
+    @timer.step
+    def wait_go(ctx: Any) -> Any:
+        effects.record(ctx, "wait_go")
+        return Await("go", timeout=30)
+
+    @timer.step
+    def finish(ctx: Any) -> Any:
+        effects.record(ctx, "finish")
+        go = ctx.signal("go")
+        return Done({"go": go.payload if go is not None else None,
+                     "timed_out": ctx.timed_out, "x": ctx.state.get("x")})
+
+    # -- a step that blocks long enough to be SIGKILLed mid-way
+    slow = durable.workflow("slow")
+
+    @slow.step
+    def before(ctx: Any) -> Any:
+        effects.record(ctx, "before")
+        return None
+
+    @slow.step
+    def middle(ctx: Any) -> Any:
+        effects.record(ctx, "middle:start")  # the marker tests wait for
+        _block(ctx)
+        effects.record(ctx, "middle:done")
+        return None
+
+    @slow.step
+    def after(ctx: Any) -> Any:
+        effects.record(ctx, "after")
+        return {"x": ctx.state.get("x")}
+
+    # -- a first step that blocks (prefetch tests)
+    blocker = durable.workflow("blocker")
+
+    @blocker.step
+    def first(ctx: Any) -> Any:
+        effects.record(ctx, "first:start")
+        _block(ctx)
+        effects.record(ctx, "first:done")
+        return None
+
+    @blocker.step
+    def second(ctx: Any) -> Any:
+        effects.record(ctx, "second")
+        return {"x": ctx.state.get("x")}
+
+    # -- a step that fails twice, then succeeds on its third attempt
+    flaky = durable.workflow("flaky")
+
+    @flaky.step(retry={"max_attempts": 3, "delay": 0.2})
+    def wobble(ctx: Any) -> Any:
+        effects.record(ctx, "wobble")
+        if ctx.attempt < 2:
+            raise RuntimeError(f"flaky failure at attempt {ctx.attempt}")
+        return None
+
+    @flaky.step
+    def settle(ctx: Any) -> Any:
+        effects.record(ctx, "settle")
+        return {"ok": True, "x": ctx.state.get("x")}
+
+    return E2EApp(app=app, durable=durable, effects=effects)
+
+
+if os.environ.get("E2E_BROKER_URL"):
+    _built = build(os.environ["E2E_BROKER_URL"], os.environ["E2E_DATABASE_URL"],
+                   os.environ["E2E_QUEUE"])
+    app = _built.app
+    durable = _built.durable
