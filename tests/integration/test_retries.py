@@ -18,11 +18,12 @@ def declare_flaky(durable, effects, *, fail_until, retry):
     @wf.step(retry=retry)
     def charge(ctx):
         effects.append(ctx.attempt)
+        dirty_before = "dirty" in ctx.state
         ctx.state["dirty"] = True  # dropped when the step raises
         if ctx.attempt < fail_until:
             raise ConnectionError(f"gateway down (attempt {ctx.attempt})")
         return Done({"charged": ctx.state["order"], "attempt": ctx.attempt,
-                     "dirty_before": "dirty" in ctx.state})
+                     "dirty_before": dirty_before})
 
     return wf
 
