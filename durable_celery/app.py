@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import os
+import re
 import threading
 import time
 from datetime import datetime, timedelta
@@ -82,7 +82,7 @@ class Durable:
         self._ready_lock = threading.Lock()
         self._ident: WorkerIdentity | None = None
         self._coordinator: Any = None
-        app._durable_celery = self  # type: ignore[attr-defined]  # found by the CLI
+        app._durable_celery = self  # found by the CLI
         self._install()
 
     # ------------------------------------------------------------------ declaring
@@ -237,7 +237,7 @@ class Durable:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise errors.InvalidArgument(f"limit must be an int in 1..10000, got {limit!r}")
         self._ensure_ready()
-        return self.store.list(workflow=name, status=status, limit=limit)
+        return self.store.list_runs(workflow=name, status=status, limit=limit)
 
     def workflow_steps(self, workflow_id: str) -> list[StepRecord]:
         """The committed history of a run, in order (``seq`` 1, 2, ...)."""

@@ -75,7 +75,7 @@ class WorkerProcess:
                "-n", self.nodename, "--loglevel", "INFO",
                "--without-gossip", "--without-mingle", "--without-heartbeat",
                *self.extra_args]
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # Own process group: kill() takes the pool children down with the parent.
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

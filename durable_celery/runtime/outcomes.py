@@ -13,7 +13,16 @@ from typing import Any
 
 from durable_celery import errors, payloads
 from durable_celery.definitions import (
-    KEEP, OUTCOME_TYPES, Await, Done, Fail, Next, Retry, Sleep, Step, Workflow,
+    KEEP,
+    OUTCOME_TYPES,
+    Await,
+    Done,
+    Fail,
+    Next,
+    Retry,
+    Sleep,
+    Step,
+    Workflow,
 )
 from durable_celery.storage.store import Transition
 

@@ -43,7 +43,7 @@ class Run:
         return self.status in TERMINAL
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Run:
+    def from_row(cls, row: Mapping[Any, Any]) -> Run:
         names = row["await_names"]
         return cls(
             workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
@@ -75,7 +75,7 @@ class StepRecord:
     worker: str | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> StepRecord:
+    def from_row(cls, row: Mapping[Any, Any]) -> StepRecord:
         return cls(
             workflow_id=row["run_id"], seq=row["seq"], step=row["step"], attempt=row["attempt"],
             outcome=row["outcome"], next_step=row["next_step"], state=row["state"],
@@ -95,7 +95,7 @@ class Signal:
     created_at: datetime | None = None
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Signal:
+    def from_json(cls, data: Mapping[Any, Any]) -> Signal:
         created = data.get("created_at")
         return cls(id=int(data["id"]), name=data["name"], payload=data.get("payload"),
                    dedup_key=data.get("dedup_key"),
@@ -123,7 +123,7 @@ class Claim:
     signals: tuple[Signal, ...]
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], lease: str) -> Claim:
+    def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
         return cls(
             workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
             step=row["step"], seq=row["seq"], visit=row["visit"], attempt=row["attempt"],
@@ -145,7 +145,7 @@ class Dispatch:
     priority: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Dispatch:
+    def from_row(cls, row: Mapping[Any, Any]) -> Dispatch:
         return cls(workflow_id=row["id"], workflow=row["workflow"], step=row["step"],
                    seq=row["seq"], queue=row["queue"], priority=row["priority"])
 

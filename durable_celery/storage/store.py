@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from durable_celery import errors
 from durable_celery.storage import migrate
 from durable_celery.storage.engine import EngineHolder
-from durable_celery.storage.records import Claim, Dispatch, Run, Signal, SignalResult, StepRecord
+from durable_celery.storage.records import Claim, Dispatch, Run, SignalResult, StepRecord
 
 S = migrate.SCHEMA
 WAKEUP_CHANNEL = "durable_celery_wakeup"
@@ -400,7 +400,7 @@ class Store:
             row = conn.execute(STATUS, {"id": workflow_id}).first()
         return (row[0], row[1], row[2]) if row is not None else None
 
-    def list(self, *, workflow: str | None, status: str | None, limit: int) -> list[Run]:
+    def list_runs(self, *, workflow: str | None, status: str | None, limit: int) -> list[Run]:
         clauses, params = [], {"limit": limit}
         if workflow is not None:
             clauses.append("workflow = :workflow")

@@ -53,6 +53,9 @@ def test_public_names_resolve() -> None:
     assert len(durable_celery.__all__) == len(set(durable_celery.__all__))
     missing = [name for name in durable_celery.__all__ if not hasattr(durable_celery, name)]
     assert missing == []
+    namespace: dict[str, object] = {}
+    exec("from durable_celery import *", namespace)
+    assert set(durable_celery.__all__) <= set(namespace)
 
 
 @pytest.mark.parametrize("name", sorted(durable_celery.__all__))
