@@ -129,8 +129,10 @@ class Durable:
             executor.execute(durable, workflow_id, seq)
 
         run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
+        # shared=False: the task belongs to this app only. No queue= option (deprecated in
+        # Celery 5.7): every publish names its queue explicitly.
         self.app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
-                      typing=False, queue=wf.queue_for(step))(run_step)
+                      typing=False, shared=False)(run_step)
 
     def _install(self) -> None:
         from durable_celery.coordinator import bootstep

@@ -171,7 +171,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")
 
 
 def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise errors.InvalidArgument(
             f"{what} must be 1-100 characters of letters, digits, '_', '.', ':' or '-', "
             f"starting with a letter or '_'; got {value!r}"
@@ -228,7 +228,7 @@ class Workflow:
         def register(func: StepFunction) -> StepFunction:
             if not callable(func):
                 raise errors.InvalidArgument(f"a step must be callable, not {func!r}")
-            step_name = check_name(name or func.__name__, "step name")
+            step_name = check_name(func.__name__ if name is None else name, "step name")
             if step_name in self.steps:
                 raise errors.InvalidArgument(
                     f"workflow {self.name!r} v{self.version} already has a step {step_name!r}"

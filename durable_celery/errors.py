@@ -81,8 +81,9 @@ class DuplicateWorkflow(DurableCeleryError):
     status = 409
 
     @property
-    def existing_id(self) -> str:
-        return str(self.details.get("existing_id"))
+    def existing_id(self) -> str | None:
+        found = self.details.get("existing_id")
+        return None if found is None else str(found)
 
 
 class NoTarget(DurableCeleryError):

@@ -60,8 +60,7 @@ def _walk(root: Any, what: str) -> None:
                 raise errors.InvalidPayload(f"{where} is {value!r}, which JSON cannot hold", what=what)
             continue
         if isinstance(value, str):
-            if "\x00" in value:
-                raise errors.InvalidPayload(f"{where} holds a NUL character", what=what)
+            _check_text(value, where, what)
             continue
         if isinstance(value, dict):
             for key, item in value.items():
@@ -70,8 +69,7 @@ def _walk(root: Any, what: str) -> None:
                         f"{where} has a {type(key).__name__} key {key!r}; JSON keys are strings",
                         what=what,
                     )
-                if "\x00" in key:
-                    raise errors.InvalidPayload(f"{where} has a key holding NUL", what=what)
+                _check_text(key, f"a key of {where}", what)
                 stack.append((item, f"{path}[{key!r}]", depth + 1))
             continue
         if isinstance(value, (list, tuple)):
@@ -81,3 +79,18 @@ def _walk(root: Any, what: str) -> None:
         raise errors.InvalidPayload(
             f"{where} is a {type(value).__name__}, which is not JSON", what=what
         )
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    if "\x00" in text:
+        raise errors.InvalidPayload(f"{where} holds a NUL character", what=what)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidPayload(
+            f"{where} holds a lone surrogate, which is not valid Unicode", what=what) from None
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, made storable (no NUL, no lone surrogates)."""
+    return text[:limit].replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")

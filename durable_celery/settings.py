@@ -79,6 +79,11 @@ def build(overrides: Mapping[str, Any], celery_conf: Mapping[str, Any] | None = 
     unknown = set(overrides) - set(known)
     if unknown:
         raise errors.ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    if celery_conf is not None:
+        stray = sorted(k for k in celery_conf.keys()
+                       if str(k).startswith("durable_") and str(k)[8:] not in known)
+        if stray:
+            raise errors.ConfigurationError(f"unknown Celery setting(s): {', '.join(stray)}")
     values: dict[str, Any] = {}
     for name, kind in known.items():
         kind = str(kind).split("|")[0].strip()

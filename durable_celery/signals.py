@@ -38,7 +38,7 @@ def register_tasks(durable: Durable) -> None:
     app = durable.app
 
     @app.task(name="durable_celery.signal", ignore_result=True, serializer="json",
-              typing=False)
+              typing=False, shared=False)
     def signal_task(target: Any = None, name: Any = None, payload: Any = None,
                     dedup_key: Any = None) -> dict[str, Any] | None:
         try:
@@ -49,7 +49,8 @@ def register_tasks(durable: Durable) -> None:
         return {"workflow_id": result.workflow_id, "duplicate": result.duplicate,
                 "woke": result.woke}
 
-    @app.task(name="durable_celery.start", ignore_result=True, serializer="json", typing=False)
+    @app.task(name="durable_celery.start", ignore_result=True, serializer="json", typing=False,
+              shared=False)
     def start_task(workflow: Any = None, state: Any = None, key: Any = None,
                    workflow_id: Any = None, version: Any = None) -> str | None:
         try:

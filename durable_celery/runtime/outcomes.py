@@ -45,9 +45,18 @@ class Visit:
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"type": type(exc).__name__, "message": str(exc)[:2000].replace("\x00", "\\0"),
-            "traceback": tb[-MAX_TRACEBACK:].replace("\x00", "\\0")}
+    """A storable description of an exception, even one whose ``str()`` raises."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__}: str() failed>"
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        tb = ""
+    return {"type": payloads.printable(type(exc).__name__, 200),
+            "message": payloads.printable(message, 2000),
+            "traceback": payloads.printable(tb[-MAX_TRACEBACK:], MAX_TRACEBACK)}
 
 
 def from_exception(v: Visit, exc: BaseException) -> Transition:
@@ -103,8 +112,13 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         try:
             payloads.check(reason, what="Fail reason", max_bytes=v.max_payload_bytes)
         except errors.InvalidPayload:
-            reason = repr(reason)[:2000]
-        return _failed(v, state, {"type": "Fail", "message": str(reason)[:2000], "reason": reason})
+            try:
+                reason = payloads.printable(repr(reason), 2000)
+            except Exception:
+                reason = f"<unprintable {type(reason).__name__}>"
+        message = payloads.printable(reason if isinstance(reason, str) else
+                                     payloads.check(reason, what="reason", max_bytes=10**7), 2000)
+        return _failed(v, state, {"type": "Fail", "message": message, "reason": reason})
     if isinstance(returned, Retry):
         delay = _seconds(returned.delay, "Retry delay")
         return Transition(status="runnable", step=step.name, queue=v.queue, attempt=v.attempt + 1,

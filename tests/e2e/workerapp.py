@@ -67,9 +67,16 @@ class Effects:
 
 
 def _block(ctx: Any) -> None:
-    """Sleep ``state["block"]`` seconds while ``attempt < state["block_attempts"]`` (1)."""
+    """Sleep ``state["block"]`` seconds: only in the worker labelled ``state["block_on"]``
+    (its ``DURABLE_CELERY_NODENAME``) if given, else while ``attempt < block_attempts`` (1)."""
     seconds = float(ctx.state.get("block", 0))
-    if seconds and ctx.attempt < int(ctx.state.get("block_attempts", 1)):
+    if not seconds:
+        return
+    if "block_on" in ctx.state:
+        blocked = os.environ.get("DURABLE_CELERY_NODENAME") == ctx.state["block_on"]
+    else:
+        blocked = ctx.attempt < int(ctx.state.get("block_attempts", 1))
+    if blocked:
         time.sleep(seconds)
 
 

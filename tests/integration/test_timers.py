@@ -97,3 +97,21 @@ def test_await_deadline_wakes_with_timed_out(durable, published, db_engine):
     assert seen == [{"timed_out": True, "signals": []}]
     assert durable.wait_result(wid, timeout=1) == {"timed_out": True}
     assert run_row(db_engine, wid)["timed_out"] is False  # reset once the step has seen it
+
+
+def test_a_delayed_start_holds_nothing_until_due(durable, published, db_engine):
+    wf = declare_waiter(durable, "sleep", [])
+    dispatcher = durable.coordinator().dispatcher
+    wid = wf.start(delay=30)
+
+    row = run_row(db_engine, wid)
+    assert (row["status"], row["owner"], row["dispatched_at"]) == ("runnable", None, None)
+    assert seconds(row["eligible_at"] - row["created_at"]) == pytest.approx(30, abs=1e-3)
+    assert len(published) == 0
+    assert execute(durable, wid, 0) == "stale"
+    assert dispatcher.run_once() == 0
+
+    execute_sql(db_engine, "UPDATE {S}.runs SET eligible_at = now(), dispatch_at = now() "
+                           "WHERE id = :id", id=wid)
+    assert dispatcher.run_once() == 1
+    assert [(m.name, m.args) for m in published.sent] == [("durable.wait_sleep.begin", [wid, 0])]

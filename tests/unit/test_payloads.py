@@ -98,7 +98,7 @@ def test_nul_in_a_string_is_rejected() -> None:
 
 
 def test_nul_in_a_key_is_rejected() -> None:
-    with pytest.raises(InvalidPayload, match=r"state\['outer'\] has a key holding NUL"):
+    with pytest.raises(InvalidPayload, match=r"a key of state\['outer'\] holds a NUL character"):
         check({"outer": {"k\x00": 1}})
 
 
@@ -107,7 +107,7 @@ def test_lone_surrogates_are_rejected(value: Any) -> None:
     # json.dumps writes "\ud800" happily, but Postgres refuses it in jsonb ("invalid input
     # syntax for type json"): the value passes the check, then fails at commit time with a
     # StorageError instead of a clear InvalidPayload.
-    with pytest.raises(InvalidPayload, match="surrogate"):
+    with pytest.raises(InvalidPayload, match=r"(?i)surrogate|unicode|utf-8"):
         check(value)
 
 

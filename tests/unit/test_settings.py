@@ -146,7 +146,7 @@ def test_retention_must_be_positive(retention: Any) -> None:
 @pytest.mark.parametrize("stale_after", [5.0, 4.0])
 def test_stale_after_must_exceed_the_heartbeat(stale_after: float) -> None:
     with pytest.raises(ConfigurationError,
-                       match="stale_after .* must exceed heartbeat_interval .*reaped"):
+                       match=r"stale_after .* must exceed heartbeat_interval .*reaped"):
         build({"heartbeat_interval": 5.0, "stale_after": stale_after})
 
 

@@ -1,0 +1,174 @@
+"""Deterministic crash recovery: a worker whose heartbeat is stale loses its runs to the
+reaper (attempt + 1, error WorkerLost); its late commit is refused and changes nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from durable_celery import Done, WorkflowFailed
+from durable_celery.storage.store import Transition
+from durable_celery.testing import drain
+from tests.integration.support import (
+    Recorder,
+    execute_sql,
+    rows,
+    run_row,
+    scalar,
+    start_threads,
+)
+
+DEAD = "dead-host:4242:deadbeef"
+LIVE = "live-host:4343:cafef00d"
+
+
+def declare_work(durable, attempts_seen):
+    wf = durable.workflow("work")
+
+    @wf.step
+    def charge(ctx):
+        attempts_seen.append(ctx.attempt)
+        return Done({"attempt": ctx.attempt})
+
+    return wf
+
+
+def add_worker(durable, engine, worker_id, *, heartbeat_age):
+    durable.store.register_worker(worker_id, hostname="h", pid=1, nodename=None)
+    execute_sql(engine, "UPDATE {S}.workers SET heartbeat_at = now() - make_interval(secs => :age)"
+                        " WHERE id = :id", id=worker_id, age=heartbeat_age)
+
+
+def late_done(queue):
+    """What the dead worker was about to commit when it froze."""
+    return Transition(status="done", step="charge", queue=queue, attempt=0,
+                      state='{"late": true}', result='"late result"', outcome="done",
+                      next_step=None)
+
+
+def test_reaper_recovers_a_dead_workers_run_and_refuses_its_late_commit(
+        durable, published, db_engine, queue):
+    attempts: list = []
+    wf = declare_work(durable, attempts)
+    wid = wf.start({"order": 1})
+    published.clear()
+    add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
+    claim, started_at = durable.store.claim(wid, 0, DEAD)
+    assert run_row(db_engine, wid)["status"] == "executing"
+
+    assert durable.coordinator().reaper.run_once() == 1
+
+    row = run_row(db_engine, wid)
+    assert row["status"] == "runnable"
+    assert (row["attempt"], row["seq"], row["step"]) == (1, 0, "charge")
+    assert (row["owner"], row["lease"]) == (None, None)
+    assert row["error"]["type"] == "WorkerLost"
+    assert row["error"]["worker"] == DEAD
+    assert row["state"] == {"order": 1}
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id", id=DEAD) == 0
+    assert [(m.name, m.args) for m in published.sent] == [("durable.work.charge", [wid, 0])]
+
+    # The dead worker wakes up (a long GC pause, a SIGSTOP) and tries to commit.
+    assert durable.store.commit(claim, late_done(queue), worker=DEAD,
+                                started_at=started_at) is None
+    assert run_row(db_engine, wid) == row
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.steps WHERE run_id = :id", id=wid) == 0
+
+    drain(durable)
+    assert attempts == [1]
+    assert durable.wait_result(wid, timeout=1) == {"attempt": 1}
+
+
+def test_late_commit_after_another_worker_reclaimed_is_refused(durable, published, db_engine,
+                                                               queue):
+    wf = declare_work(durable, [])
+    wid = wf.start()
+    add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
+    old_claim, old_started = durable.store.claim(wid, 0, DEAD)
+    assert durable.coordinator().reaper.run_once() == 1
+
+    add_worker(durable, db_engine, LIVE, heartbeat_age=0)
+    new_claim, _ = durable.store.claim(wid, 0, LIVE)
+    assert new_claim.lease != old_claim.lease
+    before = run_row(db_engine, wid)
+
+    assert durable.store.commit(old_claim, late_done(queue), worker=DEAD,
+                                started_at=old_started) is None
+    assert run_row(db_engine, wid) == before
+    assert (before["status"], before["owner"]) == ("executing", LIVE)
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.steps WHERE run_id = :id", id=wid) == 0
+
+
+def test_too_many_worker_losses_fail_the_run(make_durable, db_engine, monkeypatch):
+    durable = make_durable(max_recoveries=2)
+    wf = declare_work(durable, [])
+    published = Recorder().install(durable, monkeypatch)
+    wid = wf.start()
+    reaper = durable.coordinator().reaper
+
+    # Loss 1 of 2: recovered.
+    add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
+    assert durable.store.claim(wid, 0, DEAD) is not None
+    assert reaper.run_once() == 1
+    assert run_row(db_engine, wid)["status"] == "runnable"
+
+    # Loss 2 of 2: the step keeps killing its worker; the run fails instead of looping.
+    published.clear()
+    add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
+    assert durable.store.claim(wid, 0, DEAD) is not None
+    assert reaper.run_once() == 1
+    row = run_row(db_engine, wid)
+    assert (row["status"], row["attempt"], row["recoveries"]) == ("failed", 2, 2)
+    assert row["finished_at"] is not None
+    assert row["owner"] is None
+    assert row["error"]["type"] == "WorkerLost"
+    assert len(published) == 0
+    with pytest.raises(WorkflowFailed):
+        durable.wait_result(wid, timeout=1)
+    assert drain(durable)["steps"] == 0
+
+
+@pytest.mark.parametrize("heartbeat_age", [0, 1.0])
+def test_a_live_worker_is_never_reaped(durable, published, db_engine, heartbeat_age):
+    wf = declare_work(durable, [])
+    wid = wf.start()
+    add_worker(durable, db_engine, LIVE, heartbeat_age=heartbeat_age)  # stale_after is 2s
+    assert durable.store.claim(wid, 0, LIVE) is not None
+    before = run_row(db_engine, wid)
+    reaper = durable.coordinator().reaper
+
+    for _ in range(3):
+        assert reaper.run_once() == 0
+    assert run_row(db_engine, wid) == before
+    assert (before["status"], before["owner"]) == ("executing", LIVE)
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id", id=LIVE) == 1
+
+    # The same worker, once its heartbeat is older than stale_after, is reaped.
+    execute_sql(db_engine, "UPDATE {S}.workers SET heartbeat_at = now() - interval '3 seconds'")
+    assert reaper.run_once() == 1
+
+
+def test_two_reapers_recover_each_run_once(make_durable, db_engine, recorder):
+    one, two = make_durable(), make_durable()
+    published = recorder(one, two)
+    wf = declare_work(one, [])
+    declare_work(two, [])
+    wids = [wf.start({"i": i}) for i in range(40)]
+    add_worker(one, db_engine, DEAD, heartbeat_age=3600)
+    for wid in wids:
+        assert one.store.claim(wid, 0, DEAD) is not None
+    published.clear()
+
+    barrier = threading.Barrier(2)
+
+    def reap(durable):
+        barrier.wait(5)
+        return durable.coordinator().reaper.run_once()
+
+    done = [t.value() for t in start_threads([lambda: reap(one), lambda: reap(two)])]
+    assert sum(done) == 40
+    assert sorted(m.args[0] for m in published.sent) == sorted(wids)
+    state = rows(db_engine, "SELECT status, attempt, recoveries FROM {S}.runs")
+    assert {(r["status"], r["attempt"], r["recoveries"]) for r in state} == {("runnable", 1, 1)}
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id", id=DEAD) == 0
