@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -16,7 +15,7 @@ from celery import Celery
 from durable_celery import errors, payloads
 from durable_celery import settings as settings_mod
 from durable_celery import signals as signals_mod
-from durable_celery.definitions import Workflow, check_name
+from durable_celery.definitions import Workflow, check_name, check_seconds
 from durable_celery.runtime import executor
 from durable_celery.runtime.worker import WorkerIdentity
 from durable_celery.storage import migrate as migrate_mod
@@ -106,6 +105,10 @@ class Durable:
 
     def get_definition(self, name: str, version: int | None = None) -> Workflow:
         """The registered workflow ``name`` (its highest version unless ``version``)."""
+        if not isinstance(name, str):
+            raise errors.UnknownWorkflow(f"a workflow name is a string, got {name!r}"[:300])
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise errors.InvalidArgument(f"version must be an int, got {version!r}"[:300])
         wf = self._latest.get(name) if version is None else self._workflows.get((name, version))
         if wf is None:
             known = sorted({n for n, _ in self._workflows})
@@ -174,9 +177,8 @@ class Durable:
             check_name(queue, "queue")
         if delay is not None and at is not None:
             raise errors.InvalidArgument("pass delay= or at=, not both")
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
-                                  or not math.isfinite(delay) or delay < 0):
-            raise errors.InvalidArgument(f"delay must be seconds >= 0, got {delay!r}")
+        if delay is not None:
+            check_seconds(delay, "delay")
         if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
             raise errors.InvalidArgument("at must be a timezone-aware datetime")
         self._ensure_ready()
@@ -254,9 +256,8 @@ class Durable:
         """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``,
         ``WorkflowCancelled``, ``WorkflowNotFound``, or ``WaitTimeout`` (a ``TimeoutError``)."""
         check_identifier(workflow_id, "workflow_id")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout < 0):
-            raise errors.InvalidArgument(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+        if timeout is not None:
+            check_seconds(timeout, "timeout")
         self._ensure_ready()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.005

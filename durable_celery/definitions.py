@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -29,6 +30,20 @@ class _Keep:
 
 
 KEEP: Any = _Keep()
+
+# The longest timer, delay or timeout we accept (100 years): far beyond any real schedule,
+# well inside what Postgres intervals and timestamps hold.
+MAX_SECONDS = 100 * 366 * 24 * 3600.0
+
+
+def check_seconds(value: Any, what: str, error: type[errors.DurableCeleryError] = errors.InvalidArgument,
+                  ) -> float:
+    """A finite number of seconds in ``[0, MAX_SECONDS]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise error(f"{what} must be a finite number of seconds >= 0 (at most {MAX_SECONDS:.0f}), "
+                    f"got {value!r}")
+    return float(value)
 
 # ----------------------------------------------------------------------------- outcomes
 

@@ -48,6 +48,11 @@ class StorageError(DurableCeleryError):
 
     status = 503
 
+    @property
+    def transient(self) -> bool:
+        """True when trying again later may succeed (connection lost, server restarting)."""
+        return bool(self.details.get("transient"))
+
 
 class InvalidArgument(DurableCeleryError, ValueError):
     """Invalid argument."""

@@ -80,7 +80,7 @@ def build(overrides: Mapping[str, Any], celery_conf: Mapping[str, Any] | None = 
     if unknown:
         raise errors.ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     if celery_conf is not None:
-        stray = sorted(k for k in celery_conf.keys()
+        stray = sorted(k for k in list(celery_conf)
                        if str(k).startswith("durable_") and str(k)[8:] not in known)
         if stray:
             raise errors.ConfigurationError(f"unknown Celery setting(s): {', '.join(stray)}")

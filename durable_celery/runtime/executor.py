@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from durable_celery import errors
 from durable_celery.runtime import outcomes
 from durable_celery.runtime.context import Context
 from durable_celery.storage.records import Claim
+from durable_celery.storage.store import Committed, Transition
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
@@ -66,8 +68,16 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
             run_ahead=settings.run_ahead and chain < settings.run_ahead_limit,
         )
         transition = _run_step(durable, visit, claim)
-        committed = durable.store.commit(claim, transition, worker=worker_id,
-                                         started_at=started_at)
+        try:
+            committed = _commit(durable, visit, claim, transition, worker_id, started_at)
+        except errors.StorageError:
+            # The database stayed unreachable: hand the claim to the heartbeat thread, which
+            # releases it once the database answers (the step then runs again).
+            counters["commit_failed"] += 1
+            log.error("run %s step %s: could not commit the outcome; the step will run again",
+                      claim.workflow_id, claim.step, exc_info=True)
+            durable._identity().orphan(claim)
+            return "commit_failed"
         if committed is None:
             counters["lease_lost"] += 1
             log.warning("run %s step %s: lease lost (cancelled or reclaimed); outcome dropped",
@@ -84,6 +94,36 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
                         attempt=0, state=json.loads(transition.state), timed_out=False,
                         signals=())
         started_at = None
+
+
+COMMIT_RETRIES = (0.05, 0.25, 1.0, 2.0)
+
+
+def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: Transition,
+            worker_id: str, started_at: Any) -> Committed | None:
+    """Commit, retrying while the database is briefly unreachable.
+
+    A retry after an unknown result is safe: the guard (lease + seq) makes a second apply
+    impossible; if the first attempt did commit, the retry finds nothing and returns None,
+    and the next step's message comes from the dispatcher's redispatch. An outcome that
+    Postgres refuses as data (it should not happen: values are checked first) fails the run
+    with the database's message instead of wedging it.
+    """
+    for pause in (*COMMIT_RETRIES, None):
+        try:
+            return durable.store.commit(claim, transition, worker=worker_id,
+                                        started_at=started_at)
+        except errors.StorageError as exc:
+            if not exc.transient:
+                log.error("run %s step %s: outcome refused by the database: %s",
+                          claim.workflow_id, claim.step, exc.message)
+                transition = outcomes.invalid(visit, f"outcome could not be stored: {exc.message}")
+                return durable.store.commit(claim, transition, worker=worker_id,
+                                            started_at=started_at)
+            if pause is None:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _run_step(durable: Durable, visit: outcomes.Visit, claim: Claim) -> Any:

@@ -5,7 +5,6 @@ Pure logic, no I/O: unit-tested without a database.
 
 from __future__ import annotations
 
-import math
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +22,7 @@ from durable_celery.definitions import (
     Sleep,
     Step,
     Workflow,
+    check_seconds,
 )
 from durable_celery.storage.store import Transition
 
@@ -178,10 +178,7 @@ def check_signal_name(name: Any) -> str:
 
 
 def _seconds(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value < 0:
-        raise errors.InvalidOutcome(f"{what} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    return check_seconds(value, what, errors.InvalidOutcome)
 
 
 def _following(v: Visit, target: Any, what: str) -> Step:

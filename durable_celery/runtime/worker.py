@@ -8,6 +8,7 @@ import socket
 import threading
 import uuid
 
+from durable_celery.storage.records import Claim
 from durable_celery.storage.store import Store
 
 log = logging.getLogger("durable_celery.worker")
@@ -31,6 +32,24 @@ class WorkerIdentity:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._registered = False
+        # Claims whose commit could not reach the database: released by the heartbeat
+        # thread once it can, so the run does not wait for this (live) process to die.
+        self._orphans: list[Claim] = []
+
+    def orphan(self, claim: Claim) -> None:
+        with self._lock:
+            self._orphans.append(claim)
+
+    def _release_orphans(self) -> None:
+        with self._lock:
+            pending, self._orphans = self._orphans, []
+        for index, claim in enumerate(pending):
+            try:
+                self.store.release(claim, after=0.0)
+            except Exception:
+                with self._lock:
+                    self._orphans.extend(pending[index:])
+                raise
 
     def ensure(self) -> str:
         """Register (once) and start beating; returns the worker id."""
@@ -55,6 +74,8 @@ class WorkerIdentity:
                 if not self.store.heartbeat(self.id):
                     log.warning("worker row %s was reaped; registering again", self.id)
                     self._register()
+                if self._orphans:
+                    self._release_orphans()
             except Exception:  # keep beating through database blips
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -85,7 +85,12 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        raise errors.StorageError(f"database error: {_first_line(exc)}") from exc
+        # Lost connections and server shutdowns may succeed when tried again; data errors
+        # (a value Postgres refuses) never will.
+        transient = bool(exc.connection_invalidated) or isinstance(
+            exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        raise errors.StorageError(f"database error: {_first_line(exc)}",
+                                  transient=transient) from exc
     except sa_exc.SQLAlchemyError as exc:
         raise errors.StorageError(f"database error: {exc}") from exc
 

@@ -196,7 +196,7 @@ class Harness:
     def coordinator(self, env: dict[str, str] | None = None) -> CoordinatorProcess:
         self._count += 1
         label = f"coordinator{self._count}"
-        proc = CoordinatorProcess(self.env(label, env), self._log_path(label))
+        proc = CoordinatorProcess({**os.environ, **self.env(label, env)}, self._log_path(label))
         self.coordinators.append(proc)
         return proc
 
@@ -218,9 +218,10 @@ class Harness:
         return wait_for(lambda: (r := self.run(wid)).status == status and r, timeout=timeout,
                         what=f"run {wid} to be {status}")
 
-    def worker_rows(self) -> list[tuple[str, int, str | None]]:
-        return [tuple(r) for r in self.db.rows(  # type: ignore[misc]
-            "SELECT id, pid, nodename FROM durable_celery.workers ORDER BY started_at")]
+    def worker_rows(self) -> list[tuple[Any, ...]]:
+        """``(id, pid, nodename)`` of every row in ``durable_celery.workers``."""
+        return self.db.rows(
+            "SELECT id, pid, nodename FROM durable_celery.workers ORDER BY started_at")
 
     def close(self) -> None:
         for proc in self.coordinators:
@@ -237,7 +238,10 @@ def _purge_broker(broker_url: str, queue: str) -> None:
 
         client = redis.Redis.from_url(broker_url)
         try:
-            client.delete(queue, f"_kombu.binding.{queue}")
+            # Celery's default exchange for a queue is named after it: these are all ours.
+            client.delete(queue, f"_kombu.binding.{queue}",
+                          f"_kombu.binding_permanent.{queue}",
+                          *client.scan_iter(match=f"{queue}\x06\x16*"))  # priority lists
             for tag, raw in client.hgetall("unacked").items():
                 try:
                     routing_key = json.loads(raw)[2]

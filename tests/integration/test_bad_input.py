@@ -183,10 +183,12 @@ def test_an_out_of_range_timer_fails_the_run_instead_of_wedging_it(durable, publ
     wid = wf.start()
     try:
         result = execute(durable, wid, 0)
-    finally:
-        row = run_row(db_engine, wid)
-    assert result == "committed"
-    assert (row["status"], row["owner"]) == ("failed", None)
+    except Exception as exc:  # reported below together with the state it left behind
+        result = f"raised {type(exc).__name__}: {exc}"
+    row = run_row(db_engine, wid)
+    assert (result, row["status"], row["owner"]) == ("committed", "failed", None), (
+        f"execute -> {result!r}; the run is left {row['status']!r} owned by the live worker "
+        f"{row['owner']!r}, which the reaper never reclaims")
     assert row["error"]["type"] == "InvalidOutcome"
 
 
