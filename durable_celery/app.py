@@ -290,11 +290,15 @@ class Durable:
 
     def _identity(self) -> WorkerIdentity:
         ident = self._ident
-        if ident is None or ident.pid != os.getpid():
-            ident = self._ident = WorkerIdentity(
-                self.store, interval=self.settings.heartbeat_interval,
-                nodename=os.environ.get("DURABLE_CELERY_NODENAME"))
-        return ident
+        if ident is not None and ident.pid == os.getpid():
+            return ident
+        with self._ready_lock:  # threads pool: one identity per process
+            ident = self._ident
+            if ident is None or ident.pid != os.getpid():
+                ident = self._ident = WorkerIdentity(
+                    self.store, interval=self.settings.heartbeat_interval,
+                    nodename=os.environ.get("DURABLE_CELERY_NODENAME"))
+            return ident
 
     def _release_identity(self) -> int:
         ident = self._ident

@@ -57,7 +57,7 @@ class WorkerProcess:
     def __init__(self, app: str, *, queues: list[str], pool: str = "prefork",
                  concurrency: int = 2, env: dict[str, str] | None = None,
                  log_path: str | None = None, nodename: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, cwd: str | None = None) -> None:
         self.app = app
         self.queues = queues
         self.pool = pool
@@ -66,6 +66,7 @@ class WorkerProcess:
         self.log_path = log_path
         self.nodename = nodename or f"w{uuid.uuid4().hex[:8]}@%h"
         self.extra_args = extra_args or []
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -78,7 +79,8 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         # Own process group: kill() takes the pool children down with the parent.
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.cwd)
         return self
 
     @property

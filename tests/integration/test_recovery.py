@@ -172,3 +172,43 @@ def test_two_reapers_recover_each_run_once(make_durable, db_engine, recorder):
     state = rows(db_engine, "SELECT status, attempt, recoveries FROM {S}.runs")
     assert {(r["status"], r["attempt"], r["recoveries"]) for r in state} == {("runnable", 1, 1)}
     assert scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id", id=DEAD) == 0
+
+
+def test_close_leaves_no_worker_row_and_no_connection_behind(make_durable, db_engine,
+                                                             monkeypatch):
+    """A heartbeat that is under way while the process shuts down must not re-register
+    the worker or reopen the database (the beat is held at the database call here)."""
+    durable = make_durable()
+    Recorder().install(durable, monkeypatch)
+    wf = declare_work(durable, [])
+    assert durable.get_workflow(wf.start()).status == "runnable"
+    identity = durable._identity()
+    worker_id = identity.ensure()
+
+    in_beat, release = threading.Event(), threading.Event()
+    real_heartbeat = durable.store.heartbeat
+
+    def slow_heartbeat(wid):
+        in_beat.set()
+        release.wait(5)
+        return real_heartbeat(wid)
+
+    monkeypatch.setattr(durable.store, "heartbeat", slow_heartbeat)
+    assert in_beat.wait(5)  # the heartbeat thread is inside a beat
+    releaser = threading.Timer(0.2, release.set)
+    releaser.start()
+    try:
+        durable.close()
+        release.set()
+        identity._thread.join(2)
+
+        ghosts = scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id",
+                        id=worker_id)
+        connections = scalar(db_engine, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                        "datname = current_database() "
+                                        "AND application_name = 'durable_celery'")
+    finally:
+        releaser.cancel()
+        durable._holder.dispose()  # do not leak a re-created engine into later tests
+    assert (ghosts, connections) == (0, 0), (
+        "after close(): worker rows for this process, open durable_celery connections")
