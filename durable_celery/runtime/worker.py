@@ -71,7 +71,7 @@ class WorkerIdentity:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if not self.store.heartbeat(self.id):
+                if not self.store.heartbeat(self.id) and not self._stop.is_set():
                     log.warning("worker row %s was reaped; registering again", self.id)
                     self._register()
                 if self._orphans:
@@ -84,6 +84,9 @@ class WorkerIdentity:
         self._stop.set()
         if not self._registered or self.pid != os.getpid():
             return 0
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)  # a beat in flight must not re-register after us
         self._registered = False
         try:
             return self.store.deregister_worker(self.id)
