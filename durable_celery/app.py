@@ -192,23 +192,34 @@ class Durable:
                                    queue=wf.queue_for(first, queue), priority=0))
         return run_id
 
-    def _publish(self, dispatch: Dispatch) -> None:
+    def _publish(self, dispatch: Dispatch) -> bool:
         """Send the hint "run this step at this seq"; on failure the sweep re-sends it."""
+        return self._publish_many([dispatch]) == 1
+
+    def _publish_many(self, dispatches: list[Dispatch]) -> int:
+        """Publish in order; at the first broker failure stop, and let the dispatcher
+        re-send the rest a little later. Returns how many were published."""
         if getattr(_inline, "active", False):
-            return
-        try:
-            self.app.send_task(
-                f"durable.{dispatch.workflow}.{dispatch.step}",
-                args=[dispatch.workflow_id, dispatch.seq], queue=dispatch.queue,
-                serializer="json", ignore_result=True,
-            )
-        except Exception:
-            log.warning("publishing run %s failed; the coordinator will re-send it",
-                        dispatch.workflow_id, exc_info=True)
+            return len(dispatches)
+        for index, dispatch in enumerate(dispatches):
             try:
-                self.store.mark_unpublished(dispatch.workflow_id, dispatch.seq)
-            except errors.StorageError:
-                log.warning("could not mark run %s unpublished", dispatch.workflow_id)
+                self.app.send_task(
+                    f"durable.{dispatch.workflow}.{dispatch.step}",
+                    args=[dispatch.workflow_id, dispatch.seq], queue=dispatch.queue,
+                    serializer="json", ignore_result=True,
+                )
+            except Exception:
+                rest = dispatches[index:]
+                log.warning("publishing failed (broker unreachable?); %d run(s) will be "
+                            "re-sent by the coordinator", len(rest), exc_info=True)
+                try:
+                    self.store.mark_unpublished([d.workflow_id for d in rest],
+                                                after=min(self.settings.redispatch_after, 5.0))
+                except errors.StorageError:
+                    log.warning("could not mark %d run(s) unpublished; they are re-sent after "
+                                "redispatch_after", len(rest))
+                return index
+        return len(dispatches)
 
     def signal(self, target: str, name: str, payload: Any = None, *,
                dedup_key: str | None = None) -> SignalResult:

@@ -137,6 +137,7 @@ class RetryPolicy:
         if options is None:
             return cls()
         if isinstance(options, RetryPolicy):
+            options.validate()
             return options
         if not isinstance(options, dict):
             raise errors.InvalidArgument(f"retry must be a dict, not {type(options).__name__}")
@@ -159,9 +160,7 @@ class RetryPolicy:
                 f"retry backoff must be 'exponential', 'linear' or 'constant', got {self.backoff!r}"
             )
         for name in ("delay", "max_delay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise errors.InvalidArgument(f"retry {name} must be a number >= 0, got {value!r}")
+            check_seconds(getattr(self, name), f"retry {name}")
         if not isinstance(self.jitter, bool):
             raise errors.InvalidArgument(f"retry jitter must be a bool, got {self.jitter!r}")
 
@@ -174,7 +173,7 @@ class RetryPolicy:
             base = self.delay * n
         else:
             base = self.delay * 2.0 ** min(n - 1, 62)
-        capped = min(base, self.max_delay)
+        capped = min(base, self.max_delay, MAX_SECONDS)
         if self.jitter and capped > 0:
             return (rng or random).uniform(capped / 2, capped)
         return float(capped)

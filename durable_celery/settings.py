@@ -37,10 +37,10 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise errors.ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.stale_after <= self.heartbeat_interval:
+        if self.stale_after < 2 * self.heartbeat_interval:
             raise errors.ConfigurationError(
-                f"stale_after ({self.stale_after}) must exceed heartbeat_interval "
-                f"({self.heartbeat_interval}), or live workers would be reaped"
+                f"stale_after ({self.stale_after}) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}), or live workers would be reaped after one late beat"
             )
         for name in ("gc_batch_size", "sweep_batch_size", "max_recoveries", "max_payload_bytes",
                      "run_ahead_limit", "pool_size"):

@@ -33,14 +33,26 @@ def send(durable: Durable, target: Any, name: Any, payload: Any = None, *,
     return result
 
 
+# The by-name tasks are themselves at-least-once: acknowledged after they ran, re-queued if
+# the worker dies, retried while the database is away; and idempotent on redelivery, because
+# the Celery message id stands in for a missing dedup_key / workflow_id.
+TASK_OPTIONS: dict[str, Any] = {
+    "ignore_result": True, "serializer": "json", "typing": False, "shared": False,
+    "bind": True, "acks_late": True, "reject_on_worker_lost": True,
+    "autoretry_for": (errors.StorageError,), "retry_backoff": True, "retry_backoff_max": 60,
+    "max_retries": None,
+}
+
+
 def register_tasks(durable: Durable) -> None:
     """Tasks callable by name from any Celery app, without importing workflow code."""
     app = durable.app
 
-    @app.task(name="durable_celery.signal", ignore_result=True, serializer="json",
-              typing=False, shared=False)
-    def signal_task(target: Any = None, name: Any = None, payload: Any = None,
+    @app.task(name="durable_celery.signal", **TASK_OPTIONS)
+    def signal_task(self: Any, target: Any = None, name: Any = None, payload: Any = None,
                     dedup_key: Any = None) -> dict[str, Any] | None:
+        if dedup_key is None and self.request.id:
+            dedup_key = f"celery:{self.request.id}"
         try:
             result = send(durable, target, name, payload, dedup_key=dedup_key)
         except (errors.InvalidArgument, errors.NoTarget) as exc:
@@ -49,10 +61,11 @@ def register_tasks(durable: Durable) -> None:
         return {"workflow_id": result.workflow_id, "duplicate": result.duplicate,
                 "woke": result.woke}
 
-    @app.task(name="durable_celery.start", ignore_result=True, serializer="json", typing=False,
-              shared=False)
-    def start_task(workflow: Any = None, state: Any = None, key: Any = None,
+    @app.task(name="durable_celery.start", **TASK_OPTIONS)
+    def start_task(self: Any, workflow: Any = None, state: Any = None, key: Any = None,
                    workflow_id: Any = None, version: Any = None) -> str | None:
+        if workflow_id is None and key is None and self.request.id:
+            workflow_id = str(self.request.id)
         try:
             wf = durable.get_definition(workflow, version)
             return wf.start(state, key=key, workflow_id=workflow_id)

@@ -39,8 +39,10 @@ def drain(durable: Durable, *, max_steps: int = 10_000, collapse_timers: bool = 
             batch = durable.store.runnable_now(100)
             if not batch:
                 break
-            for dispatch in batch:
-                tally[executor.execute(durable, dispatch.workflow_id, dispatch.seq)] += 1
+            outcomes = [executor.execute(durable, d.workflow_id, d.seq) for d in batch]
+            tally.update(outcomes)
+            if "committed" not in outcomes:
+                break  # nothing here can progress (e.g. workflows not registered here)
     finally:
         app_mod._inline.active = False
     tally["steps"] = executor.counters["steps"] - before

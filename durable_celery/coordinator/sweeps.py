@@ -7,6 +7,7 @@ and every transition is guarded, so two sweeps never dispatch or reclaim one row
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,11 +27,10 @@ class Dispatcher:
         done = 0
         for _ in range(100):  # bounded: never starve the other sweeps
             batch = store.expire_awaits(limit) + store.dispatch_due(limit)
-            for dispatch in batch:
-                self.durable._publish(dispatch)
-            done += len(batch)
-            if len(batch) < limit:
-                break
+            published = self.durable._publish_many(batch)
+            done += published
+            if published < len(batch) or len(batch) < limit:
+                break  # the broker failed (retry later), or nothing more is due
         return done
 
     def seconds_to_next(self) -> float | None:
@@ -42,15 +42,29 @@ class Reaper:
 
     def __init__(self, durable: Durable) -> None:
         self.durable = durable
+        self._last_pass: float | None = None
+        self._grace_until = 0.0
 
     def run_once(self) -> int:
         s = self.durable.settings
+        now = time.monotonic()
+        if self._last_pass is not None and now - self._last_pass > s.stale_after:
+            # This coordinator could not reach the database (or was frozen) for longer than
+            # stale_after: every worker's heartbeat looks stale for the same reason. Give
+            # them one stale_after to beat again before judging anyone dead.
+            log.warning("reaper: no pass for %.0fs; waiting %.0fs for heartbeats before "
+                        "reclaiming", now - self._last_pass, s.stale_after)
+            self._grace_until = now + s.stale_after
+        if now < self._grace_until:
+            self._last_pass = now
+            return 0
         publish, failed = self.durable.store.reap(
             stale_after=s.stale_after, max_recoveries=s.max_recoveries, limit=s.sweep_batch_size)
+        self._last_pass = now  # only a pass that reached the database counts
         for dispatch in publish:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
-            self.durable._publish(dispatch)
+        self.durable._publish_many(publish)
         if failed:
             log.error("%d run(s) failed after %d worker losses", failed, s.max_recoveries)
         return len(publish) + failed

@@ -47,7 +47,28 @@ def execute(durable: Durable, workflow_id: Any, seq: Any) -> str:
 
 
 def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any) -> str:
-    """Run steps under ``claim`` until one parks, finishes or leaves this queue."""
+    """Run steps under ``claim`` until one parks, finishes or leaves this queue.
+
+    Whatever escapes (a step raising BaseException, a soft time limit during the commit,
+    the worker shutting down), the claim is handed back first, so the run never waits on a
+    live process that stopped working on it.
+    """
+    holder = [claim]
+    try:
+        return _run_claimed(durable, holder, worker_id, started_at)
+    except BaseException:
+        counters["abandoned"] += 1
+        log.error("run %s step %s: execution interrupted; handing the run back",
+                  holder[0].workflow_id, holder[0].step, exc_info=True)
+        try:
+            durable.store.release(holder[0], after=0.0)
+        except Exception:
+            durable._identity().orphan(holder[0])
+        raise
+
+
+def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_at: Any) -> str:
+    claim = holder[0]
     settings = durable.settings
     chain = 0
     while True:
@@ -90,9 +111,9 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
             return "committed"
         # Run-ahead: the commit kept our claim on the next step; continue without a hop.
         counters["run_ahead"] += 1
-        claim = replace(claim, step=transition.step, seq=committed.seq, visit=committed.seq,
-                        attempt=0, state=json.loads(transition.state), timed_out=False,
-                        signals=())
+        claim = holder[0] = replace(
+            claim, step=transition.step, seq=committed.seq, visit=committed.seq, attempt=0,
+            state=json.loads(transition.state), timed_out=False, signals=())
         started_at = None
 
 
@@ -109,10 +130,16 @@ def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: T
     Postgres refuses as data (it should not happen: values are checked first) fails the run
     with the database's message instead of wedging it.
     """
+    uncertain = False
     for pause in (*COMMIT_RETRIES, None):
         try:
-            return durable.store.commit(claim, transition, worker=worker_id,
-                                        started_at=started_at)
+            committed = durable.store.commit(claim, transition, worker=worker_id,
+                                             started_at=started_at)
+            if committed is None and uncertain:
+                # The connection may have dropped after the server committed: if so, the
+                # history row is ours and we carry on from what was committed.
+                committed = durable.store.landed(claim, worker_id)
+            return committed
         except errors.StorageError as exc:
             if not exc.transient:
                 log.error("run %s step %s: outcome refused by the database: %s",
@@ -122,6 +149,7 @@ def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: T
                                             started_at=started_at)
             if pause is None:
                 raise
+            uncertain = True
             time.sleep(pause)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -80,19 +80,23 @@ class EngineHolder:
             yield conn
 
 
+PERMANENT_CLASSES = frozenset({"22", "23", "42"})
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        # Lost connections and server shutdowns may succeed when tried again; data errors
-        # (a value Postgres refuses) never will.
-        transient = bool(exc.connection_invalidated) or isinstance(
-            exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+        # Only data and integrity errors (SQLSTATE classes 22, 23) and statement errors
+        # (42: a schema that is missing or not migrated) can never succeed when tried again;
+        # everything else (lost connections, shutdowns, failovers, timeouts) may.
+        sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+        transient = bool(exc.connection_invalidated) or sqlstate[:2] not in PERMANENT_CLASSES
         raise errors.StorageError(f"database error: {_first_line(exc)}",
-                                  transient=transient) from exc
-    except sa_exc.SQLAlchemyError as exc:
-        raise errors.StorageError(f"database error: {exc}") from exc
+                                  transient=transient, sqlstate=sqlstate or None) from exc
+    except sa_exc.SQLAlchemyError as exc:  # e.g. the pool timed out waiting for a connection
+        raise errors.StorageError(f"database error: {exc}", transient=True) from exc
 
 
 def _first_line(exc: Any) -> str:

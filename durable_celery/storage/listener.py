@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -38,6 +39,8 @@ class Listener:
         except psycopg.Error:
             log.warning("wake-up listener lost its connection; will reconnect", exc_info=True)
             self.close()
+            # Sleep as asked (at least a little): never spin while the database is away.
+            time.sleep(min(max(timeout, 0.2), 5.0))
             return False
 
     def close(self) -> None:

@@ -60,8 +60,8 @@ ORDER BY (id = :id) DESC LIMIT 1
 """)
 
 UNPUBLISHED = _q("""
-UPDATE {S}.runs SET dispatch_at = now(), dispatched_at = NULL, dispatch_count = 0
-WHERE id = :id AND status = 'runnable' AND seq = :seq
+UPDATE {S}.runs SET dispatch_at = now() + make_interval(secs => :after), dispatched_at = NULL
+WHERE id = ANY(CAST(:ids AS text[])) AND status = 'runnable'
 """)
 
 CLAIM = _q("""
@@ -100,7 +100,7 @@ WITH r AS (
     dispatch_count = CASE WHEN :publish THEN 1 ELSE 0 END,
     await_names = CAST(:await_names AS text[]),
     await_deadline = now() + make_interval(secs => CAST(:deadline AS double precision)),
-    timed_out = false,
+    timed_out = CASE WHEN :outcome = 'retry' THEN timed_out ELSE false END,
     owner = CASE WHEN :status = 'executing' THEN owner END,
     lease = CASE WHEN :status = 'executing' THEN lease END,
     started_at = CASE WHEN :status = 'executing' THEN now() END,
@@ -136,6 +136,14 @@ UPDATE {S}.runs SET status = 'runnable', await_names = NULL, await_deadline = NU
 WHERE id = :id AND status = 'awaiting' AND EXISTS (SELECT 1 FROM d)
 RETURNING """ + DISPATCH_COLUMNS)
 
+LANDED = _q("""
+SELECT r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status,
+       (r.status = 'runnable' AND r.eligible_at <= now()) AS publish
+FROM {S}.runs AS r
+JOIN {S}.steps AS h ON h.run_id = r.id AND h.seq = :seq AND h.worker = :worker AND h.step = :step
+WHERE r.id = :id AND r.seq = :seq
+""")
+
 NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
 
 # --- signals
@@ -143,7 +151,7 @@ NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
 LOCK_TARGET = _q("""
 SELECT id, status, await_names, finished_at FROM {S}.runs
 WHERE id = :target OR (key = :target AND finished_at IS NULL)
-ORDER BY (id = :target) DESC
+ORDER BY (finished_at IS NULL) DESC, (id = :target) DESC
 LIMIT 1
 FOR UPDATE
 """)
@@ -201,6 +209,9 @@ REAP = _q("""
 WITH lost AS (
   SELECT r.id FROM {S}.runs AS r
   WHERE r.status = 'executing'
+    -- The claim itself proves the owner was alive then: a worker re-registering after a
+    -- stall is not reaped for claims it made since.
+    AND r.started_at < now() - make_interval(secs => :stale)
     AND NOT EXISTS (SELECT 1 FROM {S}.workers AS w
                     WHERE w.id = r.owner
                       AND w.heartbeat_at >= now() - make_interval(secs => :stale))
@@ -339,10 +350,10 @@ class Store:
             # The conflicting run finished between the insert and the lookup: try again.
         raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
 
-    def mark_unpublished(self, workflow_id: str, seq: int) -> None:
-        """Publishing failed: let the next dispatcher sweep publish it."""
+    def mark_unpublished(self, workflow_ids: Sequence[str], after: float) -> None:
+        """Publishing failed: the dispatcher publishes these again in ``after`` seconds."""
         with self.db.begin() as conn:
-            conn.execute(UNPUBLISHED, {"id": workflow_id, "seq": seq})
+            conn.execute(UNPUBLISHED, {"ids": list(workflow_ids), "after": after})
 
     def claim(self, workflow_id: str, seq: int, owner: str) -> tuple[Claim, datetime] | None:
         lease = uuid.uuid4().hex
@@ -389,6 +400,20 @@ class Store:
             if timer:  # wake the dispatchers so they re-plan their sleep
                 conn.execute(NOTIFY)
         return Committed(seq=row["seq"], status=status, dispatch=dispatch)
+
+    def landed(self, claim: Claim, worker: str) -> Committed | None:
+        """After a commit whose result is unknown (the connection dropped): did it apply?
+
+        Our history row at ``seq + 1`` is the proof; then the run's current row says what
+        to do next (continue run-ahead, publish, or nothing).
+        """
+        with self.db.connect() as conn:
+            row = conn.execute(LANDED, {"id": claim.workflow_id, "seq": claim.seq + 1,
+                                        "worker": worker, "step": claim.step}).mappings().first()
+        if row is None:
+            return None
+        dispatch = Dispatch.from_row(row) if row["publish"] else None
+        return Committed(seq=row["seq"], status=row["status"], dispatch=dispatch)
 
     def get(self, workflow_id: str) -> Run | None:
         with self.db.connect() as conn:

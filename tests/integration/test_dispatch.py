@@ -68,11 +68,15 @@ def test_a_failed_publish_is_sent_by_the_next_sweep(durable, db_engine, monkeypa
     monkeypatch.setattr(durable.app, "send_task", broker_down)
     wid = wf.start()  # the commit stands; the caller is not told to retry
     row = run_row(db_engine, wid)
-    assert (row["status"], row["dispatched_at"], row["dispatch_count"]) == ("runnable", None, 0)
+    # Re-sent soon (not at once: the broker just failed), the per-run backoff count kept.
+    assert (row["status"], row["dispatched_at"], row["dispatch_count"]) == ("runnable", None, 1)
 
     sent = []
     monkeypatch.setattr(durable.app, "send_task", lambda name, args=None, **kw: sent.append(args))
-    assert durable.coordinator().dispatcher.run_once() == 1  # due at once, no waiting
+    dispatcher = durable.coordinator().dispatcher
+    assert dispatcher.run_once() == 0  # not in a tight loop against a failing broker
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() WHERE id = :id", id=wid)
+    assert dispatcher.run_once() == 1
     assert sent == [[wid, 0]]
 
 

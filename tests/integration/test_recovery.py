@@ -40,6 +40,12 @@ def add_worker(durable, engine, worker_id, *, heartbeat_age):
                         " WHERE id = :id", id=worker_id, age=heartbeat_age)
 
 
+def age_claims(engine, worker_id, age=3600):
+    """Claims prove liveness too: make this worker's claims as old as its heartbeat."""
+    execute_sql(engine, "UPDATE {S}.runs SET started_at = now() - make_interval(secs => :age)"
+                        " WHERE owner = :id", id=worker_id, age=age)
+
+
 def late_done(queue):
     """What the dead worker was about to commit when it froze."""
     return Transition(status="done", step="charge", queue=queue, attempt=0,
@@ -55,6 +61,7 @@ def test_reaper_recovers_a_dead_workers_run_and_refuses_its_late_commit(
     published.clear()
     add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
     claim, started_at = durable.store.claim(wid, 0, DEAD)
+    age_claims(db_engine, DEAD)
     assert run_row(db_engine, wid)["status"] == "executing"
 
     assert durable.coordinator().reaper.run_once() == 1
@@ -86,6 +93,7 @@ def test_late_commit_after_another_worker_reclaimed_is_refused(durable, publishe
     wid = wf.start()
     add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
     old_claim, old_started = durable.store.claim(wid, 0, DEAD)
+    age_claims(db_engine, DEAD)
     assert durable.coordinator().reaper.run_once() == 1
 
     add_worker(durable, db_engine, LIVE, heartbeat_age=0)
@@ -110,6 +118,7 @@ def test_too_many_worker_losses_fail_the_run(make_durable, db_engine, monkeypatc
     # Loss 1 of 2: recovered.
     add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
     assert durable.store.claim(wid, 0, DEAD) is not None
+    age_claims(db_engine, DEAD)
     assert reaper.run_once() == 1
     assert run_row(db_engine, wid)["status"] == "runnable"
 
@@ -117,6 +126,7 @@ def test_too_many_worker_losses_fail_the_run(make_durable, db_engine, monkeypatc
     published.clear()
     add_worker(durable, db_engine, DEAD, heartbeat_age=3600)
     assert durable.store.claim(wid, 0, DEAD) is not None
+    age_claims(db_engine, DEAD)
     assert reaper.run_once() == 1
     row = run_row(db_engine, wid)
     assert (row["status"], row["attempt"], row["recoveries"]) == ("failed", 2, 2)
@@ -146,6 +156,7 @@ def test_a_live_worker_is_never_reaped(durable, published, db_engine, heartbeat_
 
     # The same worker, once its heartbeat is older than stale_after, is reaped.
     execute_sql(db_engine, "UPDATE {S}.workers SET heartbeat_at = now() - interval '3 seconds'")
+    age_claims(db_engine, LIVE, age=3)
     assert reaper.run_once() == 1
 
 
@@ -158,6 +169,7 @@ def test_two_reapers_recover_each_run_once(make_durable, db_engine, recorder):
     add_worker(one, db_engine, DEAD, heartbeat_age=3600)
     for wid in wids:
         assert one.store.claim(wid, 0, DEAD) is not None
+    age_claims(db_engine, DEAD)
     published.clear()
 
     barrier = threading.Barrier(2)

@@ -143,19 +143,19 @@ def test_retention_must_be_positive(retention: Any) -> None:
         build({"retention": retention})
 
 
-@pytest.mark.parametrize("stale_after", [5.0, 4.0])
+@pytest.mark.parametrize("stale_after", [9.9, 5.0, 4.0])
 def test_stale_after_must_exceed_the_heartbeat(stale_after: float) -> None:
     with pytest.raises(ConfigurationError,
-                       match=r"stale_after .* must exceed heartbeat_interval .*reaped"):
+                       match=r"stale_after .* must be at least twice heartbeat_interval .*reaped"):
         build({"heartbeat_interval": 5.0, "stale_after": stale_after})
 
 
 def test_stale_after_check_applies_across_sources() -> None:
     # The heartbeat comes from the env, stale_after from the Celery config.
-    with pytest.raises(ConfigurationError, match="must exceed heartbeat_interval"):
+    with pytest.raises(ConfigurationError, match="must be at least twice heartbeat_interval"):
         build({}, {"durable_stale_after": 10}, {"DURABLE_CELERY_HEARTBEAT_INTERVAL": "20"})
     assert build({}, {"durable_stale_after": 10},
-                 {"DURABLE_CELERY_HEARTBEAT_INTERVAL": "2"}).stale_after == 10.0
+                 {"DURABLE_CELERY_HEARTBEAT_INTERVAL": "5"}).stale_after == 10.0
 
 
 def test_bad_values_raise_configuration_errors_with_the_cause() -> None:
