@@ -27,7 +27,7 @@ FAST = {"heartbeat_interval": 0.5, "stale_after": 2.0, "sweep_interval": 0.2,
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"durable_celery test services: {services.describe()}"
+    return services.describe()
 
 
 @pytest.fixture(scope="session")
