@@ -42,6 +42,11 @@ class Run:
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def id(self) -> str:
+        """Alias of ``workflow_id``."""
+        return self.workflow_id
+
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Run:
         names = row["await_names"]
