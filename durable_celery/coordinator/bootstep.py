@@ -28,7 +28,11 @@ def install(durable: Durable) -> None:
             self.coordinator: Any = None
 
         def start(self, parent: Any) -> None:
-            durable._ensure_ready()
+            try:
+                durable._ensure_ready()
+            except Exception:  # the database may come later: the worker must still start
+                log.error("durable_celery: database not ready at worker start; will retry",
+                          exc_info=True)
             if durable.settings.coordinator:
                 self.coordinator = durable.coordinator()
                 self.coordinator.start()

@@ -63,6 +63,7 @@ class Coordinator:
         """Run what is due; return how long to sleep."""
         interval = self.durable.settings.sweep_interval
         try:
+            self.durable._ensure_ready()  # migrations, once per process (a no-op after)
             now = time.monotonic()
             if now >= self._next_reap:
                 self._next_reap = now + interval
