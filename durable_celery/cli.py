@@ -52,8 +52,13 @@ def load_durable(app_path: str | None, database_url: str | None, broker_url: str
             if found is not None:
                 return found
         raise click.UsageError(f"no Durable (or Celery app with one) found in {app_path!r}")
-    app = Celery("durable_celery", broker=broker_url)
-    return Durable(app, database_url=database_url)
+    app = Celery("durable_celery", broker=broker_url, set_as_current=False)
+    durable = Durable(app, database_url=database_url)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # release connections when the command ends (matters in-process)
+        ctx.call_on_close(durable.close)
+        ctx.call_on_close(app.close)
+    return durable
 
 
 def _fail(exc: errors.DurableCeleryError) -> None:
