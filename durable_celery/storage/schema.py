@@ -126,3 +126,18 @@ workers = sa.Table(
     sa.Column("started_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
     sa.Column("heartbeat_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
 )
+
+control_requests = sa.Table(
+    "control_requests", metadata,
+    sa.Column("request_key", sa.Text, primary_key=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("response", postgresql.JSONB, nullable=True),
+    sa.Column("error", postgresql.JSONB, nullable=True),
+    sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("expires_at", TIMESTAMPTZ, nullable=False),
+    sa.CheckConstraint("status IN ('succeeded', 'failed')", name="control_requests_status_check"),
+)
+
+sa.Index("control_requests_expires_idx", control_requests.c.expires_at)
