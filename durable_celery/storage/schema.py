@@ -63,10 +63,12 @@ runs = sa.Table(
     sa.Column("finished_at", TIMESTAMPTZ, nullable=True),
     sa.Column("forked_from", sa.Text, nullable=True),
     sa.Column("app_version", sa.Text, nullable=True),
+    sa.Column("concurrency_key", sa.Text, nullable=True),
     sa.CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
         name="runs_status_check",
     ),
+    sa.CheckConstraint("priority BETWEEN 0 AND 9", name="runs_priority_check"),
 )
 
 sa.Index("runs_dispatch_idx", runs.c.dispatch_at,
@@ -82,6 +84,10 @@ sa.Index("runs_parent_idx", runs.c.parent_id,
 sa.Index("runs_finished_idx", runs.c.finished_at,
          postgresql_where=sa.text("finished_at IS NOT NULL"))
 sa.Index("runs_workflow_created_idx", runs.c.workflow, runs.c.created_at)
+sa.Index("runs_concurrency_key_idx", runs.c.concurrency_key, unique=True,
+         postgresql_where=sa.text("status = 'executing' AND concurrency_key IS NOT NULL"))
+sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, runs.c.eligible_at,
+         postgresql_where=sa.text("status = 'runnable' AND concurrency_key IS NOT NULL"))
 
 steps = sa.Table(
     "steps", metadata,
@@ -141,3 +147,26 @@ control_requests = sa.Table(
 )
 
 sa.Index("control_requests_expires_idx", control_requests.c.expires_at)
+
+schedules = sa.Table(
+    "schedules", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("workflow", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("step", sa.Text, nullable=False),
+    sa.Column("queue", sa.Text, nullable=False),
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("state", postgresql.JSONB, nullable=False),
+    sa.Column("catchup", sa.Text, nullable=False),
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default=ZERO),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("next_fire_at", TIMESTAMPTZ, nullable=False),
+    sa.Column("last_fired_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("updated_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.CheckConstraint("catchup IN ('latest', 'all', 'none')", name="schedules_catchup_check"),
+    sa.CheckConstraint("priority BETWEEN 0 AND 9", name="schedules_priority_check"),
+)
+
+sa.Index("schedules_due_idx", schedules.c.next_fire_at, postgresql_where=sa.text("NOT paused"))
