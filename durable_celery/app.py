@@ -7,6 +7,8 @@ import os
 import re
 import threading
 import time
+import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,8 +21,10 @@ from durable_celery.definitions import Workflow, check_name, check_seconds
 from durable_celery.runtime import executor
 from durable_celery.runtime.worker import WorkerIdentity
 from durable_celery.storage import migrate as migrate_mod
+from durable_celery.storage import outbox
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import STATUSES, Dispatch, Run, SignalResult, StepRecord
+from durable_celery.storage.schedules import Schedule, ScheduleStore
 from durable_celery.storage.store import Store
 
 log = logging.getLogger("durable_celery")
@@ -74,6 +78,7 @@ class Durable:
         self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size)
         self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
                            redispatch_max_backoff=self.settings.redispatch_max_backoff)
+        self.schedules = ScheduleStore(self._holder, self.store)
         self._workflows: dict[tuple[str, int], Workflow] = {}
         self._latest: dict[str, Workflow] = {}
         self._tasks: set[str] = set()
@@ -81,6 +86,7 @@ class Durable:
         self._ready_lock = threading.Lock()
         self._ident: WorkerIdentity | None = None
         self._coordinator: Any = None
+        self._redis_broker: bool | None = None
         app._durable_celery = self  # found by the CLI
         self._install()
 
@@ -116,6 +122,57 @@ class Durable:
                 f"no workflow {name!r}{'' if version is None else f' v{version}'} is registered;"
                 f" known: {known}", workflow=str(name))
         return wf
+
+    def task(self, fn: Any = None, **options: Any) -> Any:
+        """Drop-in for ``@app.task``: a one-step durable workflow per function.
+
+        ``f(...)`` runs inline; ``f.delay(...)`` / ``f.apply_async(...)`` start a durable
+        run and return a :class:`~durable_celery.tasks.TaskHandle`. Options: ``name``,
+        ``queue``, ``retry={...}`` and Celery's ``bind``, ``max_retries``,
+        ``default_retry_delay``, ``autoretry_for``, ``retry_backoff``... (see docs/drop-in.md).
+        """
+        from durable_celery import tasks
+
+        return tasks.decorate(self, fn, options)
+
+    # ------------------------------------------------------------------ cron
+
+    def schedule(self, name: str, wf: Workflow | str, cron: str, *, timezone: str = "UTC",
+                 state: Any = None, catchup: str = "latest",
+                 priority: int | None = None) -> Schedule:
+        """Start ``wf`` at every occurrence of ``cron`` in ``timezone`` (an IANA name).
+
+        Idempotent: declaring the same schedule again (every process start) updates it and
+        keeps its place in time. Every occurrence fires exactly once however many
+        coordinators run; ``catchup`` ("latest", "all" or "none") says what happens to
+        occurrences missed while no coordinator ran.
+        """
+        from durable_celery.coordinator import cron as cron_mod
+
+        return cron_mod.schedule(self, name, wf, cron=cron, timezone=timezone, state=state,
+                                 catchup=catchup, priority=priority)
+
+    def list_schedules(self) -> list[Schedule]:
+        self._ensure_ready()
+        return self.schedules.all()
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """Stop firing (until ``resume_schedule``); raises ``ScheduleNotFound``."""
+        check_name(name, "schedule name")
+        self._ensure_ready()
+        return self.schedules.pause(name)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Fire again from the next occurrence; those missed while paused are skipped."""
+        from durable_celery.coordinator import cron as cron_mod
+
+        return cron_mod.resume(self, name)
+
+    def delete_schedule(self, name: str) -> None:
+        """Remove a schedule (runs it started are untouched); raises ``ScheduleNotFound``."""
+        check_name(name, "schedule name")
+        self._ensure_ready()
+        self.schedules.delete(name)
 
     @property
     def default_queue(self) -> str:
@@ -163,16 +220,21 @@ class Durable:
     # ------------------------------------------------------------------ runs
 
     def _start(self, wf: Workflow, state: Any, *, workflow_id: str | None, key: str | None,
-               delay: float | None, at: datetime | None, queue: str | None) -> str:
+               delay: float | None, at: datetime | None, queue: str | None,
+               priority: int | None = None, concurrency_key: str | None = None,
+               connection: Any = None, what: str = "state") -> str:
         if self._workflows.get((wf.name, wf.version)) is not wf:
             raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
         first = wf.first
         state = {} if state is None else state
-        text = payloads.check_object(state, what="state", max_bytes=self.settings.max_payload_bytes)
+        text = payloads.check_object(state, what=what, max_bytes=self.settings.max_payload_bytes)
         if workflow_id is not None:
             check_identifier(workflow_id, "workflow_id")
         if key is not None:
             check_identifier(key, "key")
+        if concurrency_key is not None:
+            check_identifier(concurrency_key, "concurrency_key")
+        prio = check_priority(priority)
         if queue is not None:
             check_name(queue, "queue")
         if delay is not None and at is not None:
@@ -181,15 +243,31 @@ class Durable:
             check_seconds(delay, "delay")
         if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
             raise errors.InvalidArgument("at must be a timezone-aware datetime")
+        bound = None if connection is None else outbox.Bound(connection, self._holder.url)
         self._ensure_ready()
-        run_id, publish = self.store.start(
-            workflow_id=workflow_id, workflow=wf.name, version=wf.version, step=first.name,
-            queue=wf.queue_for(first, queue), run_queue=queue, state=text, key=key,
-            delay=float(delay or 0.0), at=at,
-        )
-        if publish:
-            self._publish(Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name, seq=0,
-                                   queue=wf.queue_for(first, queue), priority=0))
+        options: dict[str, Any] = {
+            "workflow": wf.name, "version": wf.version, "step": first.name,
+            "queue": wf.queue_for(first, queue), "run_queue": queue, "state": text, "key": key,
+            "delay": float(delay or 0.0), "at": at, "priority": prio,
+            "concurrency_key": concurrency_key}
+        dispatch = Dispatch(workflow_id="", workflow=wf.name, step=first.name, seq=0,
+                            queue=wf.queue_for(first, queue), priority=prio)
+        if bound is None:
+            run_id, publish = self.store.start(workflow_id=workflow_id, **options)
+            if publish:
+                self._publish(replace(dispatch, workflow_id=run_id))
+            return run_id
+        # In the caller's transaction: published after its commit (or by the coordinator).
+        run_id = workflow_id or str(uuid.uuid4())
+        with bound.execute() as conn:
+            found = self.store.start_on(conn, run_id, parent_id=None, forked_from=None,
+                                        app_version=None, redispatch=outbox.OUTBOX_DELAY,
+                                        **options)
+        if found is None:
+            raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
+        if found:
+            bound.after_commit(lambda: self._publish(replace(dispatch, workflow_id=run_id)),
+                               visible=lambda: self.store.exists(run_id))
         return run_id
 
     def _publish(self, dispatch: Dispatch) -> bool:
@@ -207,6 +285,7 @@ class Durable:
                     f"durable.{dispatch.workflow}.{dispatch.step}",
                     args=[dispatch.workflow_id, dispatch.seq], queue=dispatch.queue,
                     serializer="json", ignore_result=True,
+                    priority=self._broker_priority(dispatch.priority),
                 )
             except Exception:
                 rest = dispatches[index:]
@@ -221,15 +300,26 @@ class Durable:
                 return index
         return len(dispatches)
 
+    def _broker_priority(self, priority: int) -> int:
+        """Our priorities run 0 (default) .. 9 (first), as on RabbitMQ; Redis (kombu) serves
+        0 first, so the value is mirrored there."""
+        if self._redis_broker is None:
+            url = str(self.app.conf.broker_url or "")
+            self._redis_broker = url.split("://", 1)[0].split("+")[0] in (
+                "redis", "rediss", "sentinel", "redis-socket")
+        return 9 - priority if self._redis_broker else priority
+
     def signal(self, target: str, name: str, payload: Any = None, *,
-               dedup_key: str | None = None) -> SignalResult:
+               dedup_key: str | None = None, connection: Any = None) -> SignalResult:
         """Send a durable signal to a run, by workflow_id or business key.
 
         The signal is stored in the run's inbox (once per ``dedup_key``) and wakes the run
         if it awaits ``name``; otherwise it waits there for a later ``Await``. Raises
-        ``NoTarget`` when no live run has this id or key.
+        ``NoTarget`` when no live run has this id or key. With ``connection=`` (a SQLAlchemy
+        Connection or Session of your transaction) it commits or rolls back with your data.
         """
-        return signals_mod.send(self, target, name, payload, dedup_key=dedup_key)
+        return signals_mod.send(self, target, name, payload, dedup_key=dedup_key,
+                                connection=connection)
 
     # ------------------------------------------------------------------ queries
 
@@ -328,6 +418,16 @@ class Durable:
         """Release this process's worker row and database connections."""
         self._release_identity()
         self._holder.dispose()
+
+
+def check_priority(priority: Any) -> int:
+    """None (0) or an int in 0..9; 9 runs first."""
+    if priority is None:
+        return 0
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+        raise errors.InvalidArgument(f"priority must be an int in 0..9 (9 runs first), "
+                                     f"got {priority!r}"[:300])
+    return priority
 
 
 def _describe(error: Any) -> str:

@@ -297,15 +297,27 @@ class Workflow:
 
     def start(self, state: Any = None, *, workflow_id: str | None = None, key: str | None = None,
               delay: float | None = None, at: datetime | None = None,
-              queue: str | None = None) -> str:
+              queue: str | None = None, priority: int | None = None,
+              concurrency_key: str | None = None, connection: Any = None) -> str:
         """Start a run and return its workflow_id.
 
         ``key`` is a business key unique among live runs (and a signal address);
         ``delay`` (seconds) or ``at`` (an aware datetime) start it later, durably.
+        ``priority`` 0..9 (9 first) orders the broker queue and the coordinator's sweeps.
+        ``concurrency_key``: at most one run per key executes a step at a time.
+        ``connection``: a SQLAlchemy Connection or Session of your own transaction on the
+        same database; the run commits or rolls back with it.
         Raises ``DuplicateWorkflow`` when the key or workflow_id is taken.
         """
         return self.durable._start(self, state, workflow_id=workflow_id, key=key, delay=delay,
-                                   at=at, queue=queue)
+                                   at=at, queue=queue, priority=priority,
+                                   concurrency_key=concurrency_key, connection=connection)
+
+    def schedule(self, name: str, cron: str, *, timezone: str = "UTC", state: Any = None,
+                 catchup: str = "latest", priority: int | None = None) -> Any:
+        """Start this workflow on a cron schedule (see ``Durable.schedule``)."""
+        return self.durable.schedule(name, self, cron=cron, timezone=timezone, state=state,
+                                     catchup=catchup, priority=priority)
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name} v{self.version} steps={list(self.steps)}>"

@@ -76,6 +76,16 @@ class UnknownStep(InvalidArgument):
     status = 404
 
 
+class InvalidSchedule(InvalidArgument):
+    """A cron expression, time zone or catch-up mode is not valid."""
+
+
+class ScheduleNotFound(DurableCeleryError):
+    """No schedule has this name."""
+
+    status = 404
+
+
 class InvalidOutcome(DurableCeleryError):
     """A step returned something that is not an outcome or JSON."""
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from durable_celery import errors, payloads
 from durable_celery.runtime.outcomes import check_signal_name
+from durable_celery.storage import outbox
 from durable_celery.storage.records import SignalResult
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ log = logging.getLogger("durable_celery.signals")
 
 
 def send(durable: Durable, target: Any, name: Any, payload: Any = None, *,
-         dedup_key: Any = None) -> SignalResult:
+         dedup_key: Any = None, connection: Any = None) -> SignalResult:
     from durable_celery.app import check_identifier
 
     check_identifier(target, "target")
@@ -25,11 +26,24 @@ def send(durable: Durable, target: Any, name: Any, payload: Any = None, *,
     if dedup_key is not None:
         check_identifier(dedup_key, "dedup_key")
     text = payloads.check(payload, what="payload", max_bytes=durable.settings.max_payload_bytes)
+    bound = None if connection is None else outbox.Bound(connection, durable._holder.url)
     durable._ensure_ready()
-    result, dispatch = durable.store.signal(target=target, name=name, payload=text,
-                                            dedup_key=dedup_key)
+    if bound is None:
+        result, dispatch = durable.store.signal(target=target, name=name, payload=text,
+                                                dedup_key=dedup_key)
+        if dispatch is not None:
+            durable._publish(dispatch)
+        return result
+    # In the caller's transaction: the wake-up is published after its commit, or by the
+    # coordinator a moment later if the caller dies first.
+    with bound.execute() as conn:
+        result, dispatch = durable.store.signal_on(
+            conn, target=target, name=name, payload=text, dedup_key=dedup_key,
+            redispatch=outbox.OUTBOX_DELAY)
     if dispatch is not None:
-        durable._publish(dispatch)
+        woken = dispatch
+        bound.after_commit(lambda: durable._publish(woken),
+                           visible=lambda: durable.store.signal_visible(result.signal_id))
     return result
 
 

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from durable_celery.coordinator.cron import CronSweep
 from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
 from durable_celery.storage.listener import Listener
 
@@ -30,13 +31,15 @@ class Coordinator:
         self.dispatcher = Dispatcher(durable)
         self.reaper = Reaper(durable)
         self.collector = Collector(durable)
+        self.cron = CronSweep(durable)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
 
     def run_once(self) -> int:
         """One pass of every sweep (tests; ``durable-celery coordinator --once``)."""
-        return self.reaper.run_once() + self.dispatcher.run_once() + self.collector.run_once()
+        return (self.reaper.run_once() + self.cron.run_once() + self.dispatcher.run_once()
+                + self.collector.run_once())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="durable-coordinator",
@@ -71,11 +74,13 @@ class Coordinator:
             if now >= self._next_gc:
                 self._next_gc = now + GC_INTERVAL
                 self.collector.run_once()
-            done = self.dispatcher.run_once()
+            done = self.cron.run_once()
+            done += self.dispatcher.run_once()
             due = self.dispatcher.seconds_to_next()
             wait = min(interval, self._next_reap - time.monotonic())
-            if due is not None:
-                wait = min(wait, due)
+            for nearest in (due, self.cron.seconds_to_next()):
+                if nearest is not None:
+                    wait = min(wait, nearest)
             if wait <= 0 and not done:
                 wait = 0.01  # due rows are locked by another coordinator right now
             return max(wait, 0.0)

@@ -126,6 +126,7 @@ class Claim:
     timed_out: bool
     lease: str
     signals: tuple[Signal, ...]
+    concurrency_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
@@ -135,6 +136,7 @@ class Claim:
             state=row["state"], key=row["key"], run_queue=row["run_queue"], queue=row["queue"],
             priority=row["priority"], timed_out=row["timed_out"], lease=lease,
             signals=tuple(Signal.from_json(s) for s in (row["signals"] or ())),
+            concurrency_key=row.get("concurrency_key"),
         )
 
 

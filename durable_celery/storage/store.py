@@ -40,13 +40,13 @@ def _q(sql: str) -> sa.TextClause:
 START = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
                       input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
-                      parent_id, forked_from, app_version)
+                      parent_id, forked_from, app_version, concurrency_key)
 SELECT :id, :workflow, :version, :queue, :run_queue, :priority, 'runnable', :step,
        CAST(:state AS jsonb), CAST(:state AS jsonb), :key, t.due,
        CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
        CASE WHEN t.due > now() THEN NULL ELSE now() END,
        CASE WHEN t.due > now() THEN 0 ELSE 1 END,
-       :parent_id, :forked_from, :app_version
+       :parent_id, :forked_from, :app_version, :concurrency_key
 FROM (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
                                       now() + make_interval(secs => :delay))) AS due) AS t
 ON CONFLICT DO NOTHING
@@ -68,8 +68,13 @@ CLAIM = _q("""
 UPDATE {S}.runs AS r
 SET status = 'executing', owner = :owner, lease = :lease, started_at = now(), updated_at = now()
 WHERE r.id = :id AND r.seq = :seq AND r.status = 'runnable' AND r.eligible_at <= now()
+  -- A concurrency key held by an executing run: stay runnable; the holder's commit hands
+  -- the key on (HANDOFF). Two claims racing past this check meet the unique index.
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {S}.runs AS e
+        WHERE e.concurrency_key = r.concurrency_key AND e.status = 'executing'))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
-          r.queue, r.priority, r.timed_out, r.started_at,
+          r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key,
           (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'name', s.name, 'payload', s.payload,
                                                'dedup_key', s.dedup_key,
                                                'created_at', s.created_at) ORDER BY s.id)
@@ -145,6 +150,19 @@ WHERE r.id = :id AND r.seq = :seq
 """)
 
 NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
+
+# A run released a concurrency key: the next runnable run waiting for it (by priority, then
+# age) becomes due for the dispatcher now (woken by NOTIFY). Waiters are never polled.
+HANDOFF = _q("""
+UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
+WHERE id = (SELECT id FROM {S}.runs
+            WHERE concurrency_key = :key AND status = 'runnable' AND eligible_at <= now()
+            ORDER BY priority DESC, eligible_at, created_at
+            LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id
+""")
+
+UNIQUE_VIOLATION = "23505"
 
 # --- signals
 
@@ -325,30 +343,54 @@ class Store:
               queue: str, run_queue: str | None, state: str, key: str | None, delay: float,
               at: datetime | None, priority: int = 0, parent_id: str | None = None,
               forked_from: str | None = None, app_version: str | None = None,
-              ) -> tuple[str, bool]:
+              concurrency_key: str | None = None) -> tuple[str, bool]:
         """Insert a runnable run; returns ``(workflow_id, publish_now)``."""
         run_id = workflow_id or str(uuid.uuid4())
-        params = {"id": run_id, "workflow": workflow, "version": version, "queue": queue,
-                  "run_queue": run_queue, "priority": priority, "step": step, "state": state,
-                  "key": key, "delay": float(delay), "at": at,
-                  "redispatch": self.redispatch_after, "parent_id": parent_id,
-                  "forked_from": forked_from, "app_version": app_version}
+        options: dict[str, Any] = {"workflow": workflow, "version": version, "step": step, "queue": queue,
+                   "run_queue": run_queue, "state": state, "key": key, "delay": delay, "at": at,
+                   "priority": priority, "parent_id": parent_id, "forked_from": forked_from,
+                   "app_version": app_version, "concurrency_key": concurrency_key}
         for _ in range(3):
             with self.db.begin() as conn:
-                row = conn.execute(START, params).mappings().first()
-                if row is not None:
-                    if row["delayed"]:
-                        conn.execute(NOTIFY)
-                    return run_id, not row["delayed"]
-                existing = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).scalar()
-            if existing is not None:
-                what = f"workflow_id {run_id!r}" if existing == run_id else f"key {key!r}"
-                raise errors.DuplicateWorkflow(
-                    f"{what} is already used by run {existing!r}", existing_id=existing,
-                    key=key,
-                )
+                found = self.start_on(conn, run_id, redispatch=self.redispatch_after, **options)
+            if found is not None:
+                return run_id, found
             # The conflicting run finished between the insert and the lookup: try again.
         raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
+
+    def start_on(self, conn: sa.Connection, run_id: str, *, workflow: str, version: int,
+                 step: str, queue: str, run_queue: str | None, state: str, key: str | None,
+                 delay: float, at: datetime | None, priority: int, parent_id: str | None,
+                 forked_from: str | None, app_version: str | None,
+                 concurrency_key: str | None, redispatch: float) -> bool | None:
+        """Insert a run on ``conn`` (the caller's transaction); returns publish_now, or None
+        when a conflicting run vanished meanwhile. ``redispatch``: seconds until the
+        dispatcher publishes it if nobody does (the outbox floor)."""
+        params = {"id": run_id, "workflow": workflow, "version": version, "queue": queue,
+                  "run_queue": run_queue, "priority": priority, "step": step, "state": state,
+                  "key": key, "delay": float(delay), "at": at, "redispatch": redispatch,
+                  "parent_id": parent_id, "forked_from": forked_from,
+                  "app_version": app_version, "concurrency_key": concurrency_key}
+        row = conn.execute(START, params).mappings().first()
+        if row is not None:
+            if row["delayed"]:
+                conn.execute(NOTIFY)
+            return not row["delayed"]
+        existing = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).scalar()
+        if existing is not None:
+            what = f"workflow_id {run_id!r}" if existing == run_id else f"key {key!r}"
+            raise errors.DuplicateWorkflow(
+                f"{what} is already used by run {existing!r}", existing_id=existing, key=key)
+        return None
+
+    def exists(self, workflow_id: str) -> bool:
+        with self.db.connect() as conn:
+            return conn.execute(STATUS, {"id": workflow_id}).first() is not None
+
+    def signal_visible(self, signal_id: int | None) -> bool:
+        with self.db.connect() as conn:
+            return conn.execute(_q("SELECT 1 FROM {S}.signals WHERE id = :id"),
+                                {"id": signal_id}).first() is not None
 
     def mark_unpublished(self, workflow_ids: Sequence[str], after: float) -> None:
         """Publishing failed: the dispatcher publishes these again in ``after`` seconds."""
@@ -357,9 +399,14 @@ class Store:
 
     def claim(self, workflow_id: str, seq: int, owner: str) -> tuple[Claim, datetime] | None:
         lease = uuid.uuid4().hex
-        with self.db.begin() as conn:
-            row = conn.execute(CLAIM, {"id": workflow_id, "seq": seq, "owner": owner,
-                                       "lease": lease}).mappings().first()
+        try:
+            with self.db.begin() as conn:
+                row = conn.execute(CLAIM, {"id": workflow_id, "seq": seq, "owner": owner,
+                                           "lease": lease}).mappings().first()
+        except errors.StorageError as exc:
+            if exc.details.get("sqlstate") == UNIQUE_VIOLATION:
+                return None  # lost a race for a concurrency key: the winner hands it on
+            raise
         if row is None:
             return None
         return Claim.from_row(row, lease), row["started_at"]
@@ -397,6 +444,8 @@ class Store:
                     dispatch, status = Dispatch.from_row(woke), "runnable"
             timer = (t.status == "runnable" and not t.publish) or (
                 t.deadline is not None and status == "awaiting")
+            if claim.concurrency_key is not None and t.status != "executing":
+                timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
             if timer:  # wake the dispatchers so they re-plan their sleep
                 conn.execute(NOTIFY)
         return Committed(seq=row["seq"], status=status, dispatch=dispatch)
@@ -449,26 +498,33 @@ class Store:
     def signal(self, *, target: str, name: str, payload: str, dedup_key: str | None,
                ) -> tuple[SignalResult, Dispatch | None]:
         with self.db.begin() as conn:
-            run = conn.execute(LOCK_TARGET, {"target": target}).mappings().first()
-            if run is None or run["finished_at"] is not None:
-                state = "finished" if run is not None else "missing"
-                raise errors.NoTarget(
-                    f"no live run has workflow_id or key {target!r} ({state})",
-                    target=target, reason=state,
-                )
-            run_id = run["id"]
-            signal_id = conn.execute(INSERT_SIGNAL, {
-                "run_id": run_id, "name": name, "payload": payload, "dedup_key": dedup_key,
-            }).scalar()
-            if signal_id is None:
-                return SignalResult(workflow_id=run_id, signal_id=None, duplicate=True,
-                                    woke=False), None
-            dispatch = None
-            if run["status"] == "awaiting" and name in (run["await_names"] or ()):
-                row = conn.execute(WAKE_FROM_INBOX, {
-                    "id": run_id, "names": list(run["await_names"]),
-                    "redispatch": self.redispatch_after}).mappings().first()
-                dispatch = Dispatch.from_row(row) if row is not None else None
+            return self.signal_on(conn, target=target, name=name, payload=payload,
+                                  dedup_key=dedup_key, redispatch=self.redispatch_after)
+
+    def signal_on(self, conn: sa.Connection, *, target: str, name: str, payload: str,
+                  dedup_key: str | None, redispatch: float,
+                  ) -> tuple[SignalResult, Dispatch | None]:
+        """Store a signal on ``conn`` (possibly the caller's transaction)."""
+        run = conn.execute(LOCK_TARGET, {"target": target}).mappings().first()
+        if run is None or run["finished_at"] is not None:
+            state = "finished" if run is not None else "missing"
+            raise errors.NoTarget(
+                f"no live run has workflow_id or key {target!r} ({state})",
+                target=target, reason=state,
+            )
+        run_id = run["id"]
+        signal_id = conn.execute(INSERT_SIGNAL, {
+            "run_id": run_id, "name": name, "payload": payload, "dedup_key": dedup_key,
+        }).scalar()
+        if signal_id is None:
+            return SignalResult(workflow_id=run_id, signal_id=None, duplicate=True,
+                                woke=False), None
+        dispatch = None
+        if run["status"] == "awaiting" and name in (run["await_names"] or ()):
+            row = conn.execute(WAKE_FROM_INBOX, {
+                "id": run_id, "names": list(run["await_names"]),
+                "redispatch": redispatch}).mappings().first()
+            dispatch = Dispatch.from_row(row) if row is not None else None
         return SignalResult(workflow_id=run_id, signal_id=int(signal_id), duplicate=False,
                             woke=dispatch is not None), dispatch
 
