@@ -10,7 +10,9 @@ from durable_celery.errors import (
     DurableCeleryError,
     InvalidArgument,
     InvalidPayload,
+    InvalidSchedule,
     NoTarget,
+    ScheduleNotFound,
     StorageError,
     UnknownStep,
     UnknownWorkflow,
@@ -21,6 +23,8 @@ from durable_celery.errors import (
 )
 from durable_celery.runtime.context import Context
 from durable_celery.storage.records import Run, Signal, SignalResult, StepRecord
+from durable_celery.storage.schedules import Schedule
+from durable_celery.tasks import TaskHandle
 
 __version__ = "0.1.0"
 
@@ -35,16 +39,20 @@ __all__ = [
     "Fail",
     "InvalidArgument",
     "InvalidPayload",
+    "InvalidSchedule",
     "Next",
     "NoTarget",
     "Retry",
     "RetryPolicy",
     "Run",
+    "Schedule",
+    "ScheduleNotFound",
     "Signal",
     "SignalResult",
     "Sleep",
     "StepRecord",
     "StorageError",
+    "TaskHandle",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",

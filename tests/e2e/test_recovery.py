@@ -41,9 +41,11 @@ def redis_unacked(redis_url: str, queue: str) -> int:
 
 
 def redis_queue_length(redis_url: str, queue: str) -> int:
+    """Messages waiting in ``queue``, over kombu's per-priority lists too."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return int(client.llen(queue))
+        lists = [queue, *client.scan_iter(match=f"{queue}\x06\x16*")]
+        return sum(int(client.llen(name)) for name in lists)
     finally:
         client.close()
 

@@ -146,7 +146,9 @@ def test_the_broker_message_is_plain_json(durable, redis_url, queue):
     client = redis.Redis.from_url(redis_url)
     try:
         wid = wf.start({"secret": "state stays in Postgres"})
-        raw = client.lrange(queue, 0, -1)
+        # Priority 0 (the default) is kombu's priority 9 on Redis: its own list.
+        assert client.llen(queue) == 0
+        raw = client.lrange(f"{queue}\x06\x169", 0, -1)
         assert len(raw) == 1
         envelope = json.loads(raw[0])
         assert envelope["content-type"] == "application/json"
@@ -157,6 +159,7 @@ def test_the_broker_message_is_plain_json(durable, redis_url, queue):
         assert args == [wid, 0]
         assert kwargs == {}
         assert b"secret" not in raw[0]
+        assert envelope["properties"]["priority"] == 9
     finally:
-        client.delete(queue)
+        client.delete(queue, f"{queue}\x06\x169")
         client.close()
