@@ -174,6 +174,62 @@ def signal_(app_path: str | None, database_url: str | None, broker_url: str | No
     click.echo(_json(durable.signal(target, name, data, dedup_key=dedup_key)))
 
 
+@main.group()
+def schedule() -> None:
+    """Cron schedules: list, add, pause, resume, delete."""
+
+
+@schedule.command(name="list")
+@app_option
+@db_option
+@broker_option
+def schedule_list(app_path: str | None, database_url: str | None, broker_url: str | None) -> None:
+    """List schedules."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.list_schedules()))
+
+
+@schedule.command(name="add")
+@app_option
+@db_option
+@broker_option
+@click.argument("name")
+@click.argument("workflow")
+@click.option("--cron", required=True, help='A cron expression, e.g. "0 9 * * *".')
+@click.option("--timezone", default="UTC", help="An IANA time zone name.")
+@click.option("--state", default="{}", help="JSON input of every run.")
+@click.option("--catchup", default="latest", help="latest, all or none.")
+def schedule_add(app_path: str | None, database_url: str | None, broker_url: str | None,
+                 name: str, workflow: str, cron: str, timezone: str, state: str,
+                 catchup: str) -> None:
+    """Create or update a schedule (needs -A: the workflow's code)."""
+    try:
+        data = json.loads(state)
+    except json.JSONDecodeError as exc:
+        raise errors.InvalidPayload(f"--state is not JSON: {exc}") from exc
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.schedule(name, workflow, cron=cron, timezone=timezone,
+                                      state=data, catchup=catchup)))
+
+
+def _schedule_command(action: str, doc: str) -> None:
+    @schedule.command(name=action, help=doc)
+    @app_option
+    @db_option
+    @broker_option
+    @click.argument("name")
+    def command(app_path: str | None, database_url: str | None, broker_url: str | None,
+                name: str) -> None:
+        durable = load_durable(app_path, database_url, broker_url)
+        result = getattr(durable, f"{action}_schedule")(name)
+        click.echo(_json(result if result is not None else {"deleted": name}))
+
+
+_schedule_command("pause", "Stop firing a schedule.")
+_schedule_command("resume", "Fire again from the next occurrence (missed ones are skipped).")
+_schedule_command("delete", "Remove a schedule.")
+
+
 @main.command()
 @click.option("--data-dir", default=None, help="Where the embedded servers keep data.")
 @click.option("--runs", default=6, type=int, help="How many example runs to start.")
