@@ -1,0 +1,162 @@
+"""Concurrency keys and priority against real Postgres: one executing run per key, hand-off
+on commit, parked runs release the key, no key never waits; priority ordering and range."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from durable_celery import Await, Done, InvalidArgument, Sleep
+from durable_celery.runtime import executor
+from durable_celery.testing import drain
+from tests.integration.support import execute_sql, run_row, start_threads, wait_for
+
+
+@pytest.fixture
+def gate():
+    return threading.Event()
+
+
+@pytest.fixture
+def blocking(durable, gate):
+    wf = durable.workflow("blocking")
+    entered = threading.Semaphore(0)
+
+    @wf.step
+    def hold(ctx):
+        entered.release()
+        assert gate.wait(10)
+        return Done(ctx.workflow_id)
+
+    wf.entered = entered
+    return wf
+
+
+def test_a_busy_key_holds_the_second_run_until_the_holder_commits(durable, published,
+                                                                  blocking, gate, db_engine):
+    a = blocking.start(concurrency_key="acct:7")
+    b = blocking.start(concurrency_key="acct:7")
+    free = blocking.start(concurrency_key="acct:8")
+    none = blocking.start()
+    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    assert executor.execute(durable, b, 0) == "stale"  # key busy: dropped, still runnable
+    assert run_row(db_engine, b)["status"] == "runnable"
+    # Other keys and runs without a key are never held.
+    others = start_threads([lambda: executor.execute(durable, free, 0),
+                            lambda: executor.execute(durable, none, 0)])
+    assert blocking.entered.acquire(timeout=10) and blocking.entered.acquire(timeout=10)
+    # b is not re-sent while it waits (no polling): its next publish is the lost-message floor.
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() + interval '1 hour' "
+                "WHERE id = :id", id=b)
+    published.clear()
+    assert durable.coordinator().dispatcher.run_once() == 0
+    gate.set()
+    assert holder.value() == "committed"
+    assert [t.value() for t in others] == ["committed", "committed"]
+    # The holder's commit handed the key to b: due for the dispatcher now.
+    assert durable.coordinator().dispatcher.run_once() == 1
+    assert [m.args for m in published.sent] == [[b, 0]]
+    assert executor.execute(durable, b, 0) == "committed"
+    assert durable.wait_result(b, timeout=5) == b
+
+
+def test_racing_claims_for_one_key_never_both_win(durable, published, db_engine):
+    wf = durable.workflow("racy")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    owner = durable._identity().ensure()
+    for round_ in range(15):
+        ids = [wf.start(concurrency_key=f"race:{round_}") for _ in range(4)]
+        barrier = threading.Barrier(len(ids))
+
+        def claim(wid):
+            barrier.wait()
+            return durable.store.claim(wid, 0, owner)
+
+        results = [t.value() for t in start_threads([lambda w=w: claim(w) for w in ids])]
+        assert sum(r is not None for r in results) == 1, results
+
+
+def test_await_and_sleep_release_the_key(durable, published, db_engine):
+    wf = durable.workflow("parks")
+
+    @wf.step
+    def first(ctx):
+        if ctx.state.get("mode") == "sleep":
+            return Sleep(seconds=3600)
+        return Await("go")
+
+    @wf.step
+    def second(ctx):
+        return Done(ctx.state.get("mode"))
+
+    awaiting = wf.start({"mode": "await"}, concurrency_key="k")
+    sleeping = wf.start({"mode": "sleep"}, concurrency_key="k")
+    third = wf.start({"mode": "await"}, concurrency_key="k")
+    for wid in (awaiting, sleeping, third):
+        assert executor.execute(durable, wid, 0) == "committed"
+    statuses = [durable.get_workflow(w).status for w in (awaiting, sleeping, third)]
+    assert statuses == ["awaiting", "runnable", "awaiting"]
+
+
+def test_drain_serializes_runs_of_one_key(durable, published):
+    @durable.task(name="keyed.task")
+    def keyed(n):
+        return n
+
+    handles = [keyed.apply_async((n,), concurrency_key="one") for n in range(5)]
+    drain(durable)
+    assert [h.get(timeout=5) for h in handles] == list(range(5))
+
+
+def test_priority_orders_the_dispatch_sweep(durable, published, db_engine):
+    wf = durable.workflow("prio")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    ids = {p: wf.start(priority=p) for p in (0, 9, 4)}
+    published.clear()
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() - interval '1 second'")
+    assert durable.coordinator().dispatcher.run_once() == 3
+    assert [m.args[0] for m in published.sent] == [ids[9], ids[4], ids[0]]
+    # Redis (kombu) serves priority 0 first: the published priority is mirrored.
+    assert [m.options["priority"] for m in published.sent] == [0, 5, 9]
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 1.5, "9", True])
+def test_priority_out_of_range_is_a_typed_error(durable, published, bad, db_engine):
+    wf = durable.workflow("prio_bad")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    with pytest.raises(InvalidArgument, match="priority"):
+        wf.start(priority=bad)
+    assert published.sent == []
+
+
+def test_rabbitmq_priority_is_not_mirrored(make_durable):
+    durable = make_durable(broker="amqp://guest:guest@127.0.0.1:5672//")
+    assert durable._broker_priority(9) == 9 and durable._broker_priority(0) == 0
+
+
+def test_a_busy_run_is_woken_once_the_key_frees(durable, published, blocking, gate, db_engine):
+    """End to end through the dispatcher: the waiter is published by the hand-off."""
+    a = blocking.start(concurrency_key="acct:9")
+    b = blocking.start(concurrency_key="acct:9")
+    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    assert executor.execute(durable, b, 0) == "stale"
+    gate.set()
+    holder.value()
+    published.clear()
+    wait_for(lambda: durable.coordinator().dispatcher.run_once() > 0, what="hand-off")
+    assert published.for_run(b)
