@@ -74,7 +74,7 @@ def test_racing_claims_for_one_key_never_both_win(durable, published, db_engine)
         ids = [wf.start(concurrency_key=f"race:{round_}") for _ in range(4)]
         barrier = threading.Barrier(len(ids))
 
-        def claim(wid):
+        def claim(wid, barrier=barrier):
             barrier.wait()
             return durable.store.claim(wid, 0, owner)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -79,7 +80,7 @@ def test_fall_back_overlap_interval_schedule_follows_elapsed_time() -> None:
     found = occurrences("*/30 * * * *", NY, utc(2026, 11, 1, 4, 50), 5)
     assert found == [utc(2026, 11, 1, 5, 0), utc(2026, 11, 1, 5, 30), utc(2026, 11, 1, 6, 0),
                      utc(2026, 11, 1, 6, 30), utc(2026, 11, 1, 7, 0)]
-    gaps = {b - a for a, b in zip(found, found[1:])}
+    gaps = {b - a for a, b in itertools.pairwise(found)}
     assert gaps == {timedelta(minutes=30)}
 
 
