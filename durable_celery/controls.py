@@ -45,11 +45,22 @@ def check_request_key(value: Any) -> str:
         raise errors.InvalidRequest(
             f"request_key must be a string, got {type(value).__name__}", field="request_key")
     key = value.strip()
-    if not 1 <= len(key) <= MAX_REQUEST_KEY or "\x00" in key:
+    if not 1 <= len(key) <= MAX_REQUEST_KEY or not _storable(key):
         raise errors.InvalidRequest(
-            f"request_key must be 1-{MAX_REQUEST_KEY} characters after trimming (no NUL); "
-            f"got {len(key)}", field="request_key")
+            f"request_key must be 1-{MAX_REQUEST_KEY} characters after trimming, without NUL "
+            f"or lone surrogates; got {len(key)} characters", field="request_key")
     return key
+
+
+def _storable(text: str) -> bool:
+    """Postgres text takes neither NUL nor lone surrogates (not valid UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_workflow_id(value: Any, field: str = "workflow_id") -> str:
@@ -109,9 +120,11 @@ class Controls:
     def cancel(self, workflow_id: Any, request_key: Any, *, reason: Any = None,
                ttl_days: Any = 7, cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         key, wid, ttl = self._common(workflow_id, request_key, ttl_days, cleanup_interval_seconds)
-        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
+        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON
+                                   or not _storable(reason)):
             raise errors.InvalidRequest(
-                f"reason must be a string of at most {MAX_REASON} characters", field="reason")
+                f"reason must be a string of at most {MAX_REASON} characters, without NUL or "
+                "lone surrogates", field="reason")
 
         def mutation(conn: Any) -> Outcome:
             changed = self.store.cancel(conn, wid, reason)
