@@ -5,11 +5,15 @@ from __future__ import annotations
 from durable_celery.app import Durable
 from durable_celery.definitions import Await, Done, Fail, Next, Retry, RetryPolicy, Sleep, Workflow
 from durable_celery.errors import (
+    BootstrapError,
     ConfigurationError,
+    ControlError,
     DuplicateWorkflow,
     DurableCeleryError,
+    IdempotencyConflict,
     InvalidArgument,
     InvalidPayload,
+    InvalidRequest,
     InvalidSchedule,
     NoTarget,
     ScheduleNotFound,
@@ -30,15 +34,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Await",
+    "BootstrapError",
     "ConfigurationError",
     "Context",
+    "ControlError",
     "Done",
     "DuplicateWorkflow",
     "Durable",
     "DurableCeleryError",
     "Fail",
+    "IdempotencyConflict",
     "InvalidArgument",
     "InvalidPayload",
+    "InvalidRequest",
     "InvalidSchedule",
     "Next",
     "NoTarget",

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("durable_celery.coordinator")
 
 
+# Seconds without any publish for a free concurrency key before its waiter is woken anyway.
+KEY_QUIET = 5.0
+
+
 class Dispatcher:
     """Publishes due runnable rows (timers, lost or overdue messages) and expires awaits."""
 
@@ -25,6 +29,9 @@ class Dispatcher:
     def run_once(self) -> int:
         store, limit = self.durable.store, self.durable.settings.sweep_batch_size
         done = 0
+        # A concurrency key freed without a hand-off (a cancel, a run failed by the reaper):
+        # its next waiter becomes due now.
+        store.wake_free_keys(limit, quiet=KEY_QUIET)
         for _ in range(100):  # bounded: never starve the other sweeps
             batch = store.expire_awaits(limit) + store.dispatch_due(limit)
             published = self.durable._publish_many(batch)
@@ -71,7 +78,8 @@ class Reaper:
 
 
 class Collector:
-    """Deletes finished runs (with history and signals) older than ``retention``."""
+    """Deletes finished runs (with history and signals) older than ``retention``, and
+    expired idempotency records of control requests."""
 
     def __init__(self, durable: Durable) -> None:
         self.durable = durable
@@ -85,4 +93,4 @@ class Collector:
             total += n
             if n < s.gc_batch_size:
                 break
-        return total
+        return total + int(self.durable.controls.cleanup())

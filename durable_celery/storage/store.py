@@ -162,6 +162,23 @@ WHERE id = (SELECT id FROM {S}.runs
 RETURNING id
 """)
 
+# The safety net of HANDOFF: keys that no run executes, whose waiters nobody was sent for
+# ``quiet`` seconds (a cancel or the reaper freed the key): the first waiter is due now.
+WAKE_FREE_KEYS = _q("""
+UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
+WHERE id IN (
+  SELECT DISTINCT ON (w.concurrency_key) w.id FROM {S}.runs AS w
+  WHERE w.status = 'runnable' AND w.concurrency_key IS NOT NULL AND w.eligible_at <= now()
+    AND w.dispatch_at > now()
+    AND NOT EXISTS (SELECT 1 FROM {S}.runs AS e WHERE e.concurrency_key = w.concurrency_key
+                    AND (e.status = 'executing'
+                         OR (e.status = 'runnable' AND (e.dispatch_at <= now()
+                             OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
+  ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at
+  LIMIT :limit
+)
+""")
+
 UNIQUE_VIOLATION = "23505"
 
 # --- signals
@@ -536,6 +553,10 @@ class Store:
                 "limit": limit, "redispatch": self.redispatch_after,
                 "max_backoff": self.redispatch_max_backoff}).mappings().all()
         return [Dispatch.from_row(r) for r in rows]
+
+    def wake_free_keys(self, limit: int, *, quiet: float) -> int:
+        with self.db.begin() as conn:
+            return int(conn.execute(WAKE_FREE_KEYS, {"limit": limit, "quiet": quiet}).rowcount)
 
     def expire_awaits(self, limit: int) -> list[Dispatch]:
         with self.db.begin() as conn:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import signal
 import socket
@@ -358,7 +359,7 @@ def test_4_two_coordinators_fire_each_cron_occurrence_once(on_shared: Dropin) ->
 
 def _overlaps(spans: list[dict[str, Any]]) -> int:
     ordered = sorted(spans, key=lambda s: s["start"])
-    return sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if b["start"] < a["end"])
+    return sum(1 for a, b in itertools.pairwise(ordered) if b["start"] < a["end"])
 
 
 def test_5_concurrency_key_serializes_one_key_and_not_many(on_shared: Dropin) -> None:

@@ -160,3 +160,39 @@ def test_a_busy_run_is_woken_once_the_key_frees(durable, published, blocking, ga
     published.clear()
     wait_for(lambda: durable.coordinator().dispatcher.run_once() > 0, what="hand-off")
     assert published.for_run(b)
+
+
+def test_a_key_freed_by_a_cancel_wakes_its_waiter(durable, published, blocking, gate,
+                                                   db_engine):
+    a = blocking.start(concurrency_key="acct:10")
+    b = blocking.start(concurrency_key="acct:10")
+    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    assert executor.execute(durable, b, 0) == "stale"
+    assert durable.cancel_workflow(a, "cancel-a")["changed"] is True
+    # b was published moments ago: the safety net leaves it alone for `quiet` seconds...
+    assert durable.store.wake_free_keys(100, quiet=5.0) == 0
+    # ...then makes it due (no run holds the key, nobody was sent for it).
+    assert durable.store.wake_free_keys(100, quiet=0.0) == 1
+    published.clear()
+    assert durable.coordinator().dispatcher.run_once() == 1
+    assert [m.args for m in published.sent] == [[b, 0]]
+    # Just dispatched: the net does not fire again (no storm).
+    assert durable.store.wake_free_keys(100, quiet=5.0) == 0
+    gate.set()
+    assert holder.value() == "lease_lost"
+    assert executor.execute(durable, b, 0) == "committed"
+
+
+def test_the_net_ignores_keys_that_are_held_or_already_due(durable, published, blocking, gate,
+                                                           db_engine):
+    a = blocking.start(concurrency_key="acct:11")
+    b = blocking.start(concurrency_key="acct:11")
+    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    assert durable.store.wake_free_keys(100, quiet=0.0) == 0  # held by a
+    gate.set()
+    holder.value()
+    # a's commit handed the key to b already (due now): nothing for the net to do.
+    assert run_row(db_engine, b)["dispatch_at"] <= run_row(db_engine, b)["updated_at"]
+    assert durable.store.wake_free_keys(100, quiet=0.0) == 0
