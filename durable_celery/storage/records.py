@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-TERMINAL = frozenset({"done", "failed", "cancelled"})
-STATUSES = frozenset({"runnable", "executing", "awaiting"}) | TERMINAL
+TERMINAL = frozenset({"done", "failed", "cancelled", "compensated", "compensation_failed"})
+STATUSES = frozenset({"runnable", "executing", "awaiting", "awaiting_children",
+                      "compensating"}) | TERMINAL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
