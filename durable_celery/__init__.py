@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from durable_celery.app import Durable
-from durable_celery.definitions import Await, Done, Fail, Next, Retry, RetryPolicy, Sleep, Workflow
+from durable_celery.definitions import (
+    Await,
+    ChildSpec,
+    Done,
+    Fail,
+    Next,
+    Retry,
+    RetryPolicy,
+    Sleep,
+    Spawn,
+    Workflow,
+    foreach,
+    parallel,
+)
 from durable_celery.errors import (
     ConfigurationError,
     DuplicateWorkflow,
@@ -20,12 +33,14 @@ from durable_celery.errors import (
     WorkflowNotFound,
 )
 from durable_celery.runtime.context import Context
-from durable_celery.storage.records import Run, Signal, SignalResult, StepRecord
+from durable_celery.storage.records import Child, Run, Signal, SignalResult, StepRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Await",
+    "Child",
+    "ChildSpec",
     "ConfigurationError",
     "Context",
     "Done",
@@ -43,6 +58,7 @@ __all__ = [
     "Signal",
     "SignalResult",
     "Sleep",
+    "Spawn",
     "StepRecord",
     "StorageError",
     "UnknownStep",
@@ -52,4 +68,6 @@ __all__ = [
     "WorkflowCancelled",
     "WorkflowFailed",
     "WorkflowNotFound",
+    "foreach",
+    "parallel",
 ]
