@@ -398,6 +398,15 @@ class Committed:
     wakes: tuple[Dispatch, ...] = ()  # children started, parents woken, siblings released
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reaped:
+    """What a reaper pass did: runs to publish again, runs that ended, parents woken."""
+
+    publish: list[Dispatch]
+    failed: int
+    wakes: list[Dispatch]
+
+
 class Store:
     """All database access. Safe to share between threads; engines are per process."""
 
@@ -605,9 +614,9 @@ class Store:
             delta = conn.execute(NEXT_DUE).scalar()
         return None if delta is None else delta.total_seconds()
 
-    def reap(self, *, stale_after: float, max_recoveries: int, limit: int,
-             ) -> tuple[list[Dispatch], int]:
-        """Return runs of dead workers to runnable; returns (to publish, failed count)."""
+    def reap(self, *, stale_after: float, max_recoveries: int, limit: int) -> Reaped:
+        """Return runs of dead workers to runnable (or compensating); the ones that ran out
+        of recoveries end failed and count on their parents."""
         with self.db.begin() as conn:
             rows = conn.execute(REAP, {"stale": stale_after, "max_recoveries": max_recoveries,
                                        "limit": limit, "redispatch": self.redispatch_after,
@@ -618,7 +627,7 @@ class Store:
                 redispatch=self.redispatch_after)
             conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
         publish = [Dispatch.from_row(r) for r in rows if r["status"] not in TERMINAL]
-        return publish + wakes, len(rows) - len(publish)
+        return Reaped(publish=publish, failed=len(rows) - len(publish), wakes=wakes)
 
     def collect_garbage(self, *, retention_seconds: float, limit: int) -> int:
         with self.db.begin() as conn:
