@@ -31,12 +31,21 @@ _inline = threading.local()  # testing.drain runs steps without publishing
 
 def check_identifier(value: Any, what: str) -> str:
     """workflow ids, keys, dedup keys: 1-200 characters, not blank, no NUL."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID or "\x00" in value:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID or "\x00" in value \
+            or not _encodable(value):
         raise errors.InvalidArgument(
-            f"{what} must be a non-blank string of at most {MAX_ID} characters without NUL; "
-            f"got {value!r}"[:400]
+            f"{what} must be a non-blank string of at most {MAX_ID} characters without NUL or "
+            f"lone surrogates; got {value!r}"[:400]
         )
     return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Durable:
@@ -81,6 +90,7 @@ class Durable:
         self._ready_lock = threading.Lock()
         self._ident: WorkerIdentity | None = None
         self._coordinator: Any = None
+        self._controls: Any = None
         app._durable_celery = self  # found by the CLI
         self._install()
 
@@ -144,10 +154,12 @@ class Durable:
                       typing=False, shared=False)(run_step)
 
     def _install(self) -> None:
+        from durable_celery import controls
         from durable_celery.coordinator import bootstep
 
         bootstep.install(self)
         signals_mod.register_tasks(self)
+        controls.register_tasks(self)
 
     # ------------------------------------------------------------------ schema
 
@@ -300,6 +312,63 @@ class Durable:
             sleep = pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0))
             time.sleep(sleep)
             pause = min(pause * 1.5, 0.25)
+
+    # ------------------------------------------------------------------ controls
+
+    @property
+    def controls(self) -> Any:
+        """The :class:`~durable_celery.controls.Controls` of this Durable."""
+        if self._controls is None:
+            from durable_celery.controls import Controls
+
+            self._controls = Controls(self)
+        return self._controls
+
+    def cancel_workflow(self, workflow_id: str, request_key: str, *, reason: str | None = None,
+                        ttl_days: float = 7, cleanup_interval_seconds: float = 300,
+                        ) -> dict[str, Any]:
+        """Cancel a run and its live children, idempotently by ``request_key``.
+
+        A step running now finishes, but its commit is refused. A missing or finished run is
+        a success with ``"changed": False``. Returns ``{"ok", "changed", "idempotency_key",
+        "idempotency_replayed"}``; raises ``ControlError`` subclasses (``.status``, ``.body``).
+        """
+        return self.controls.cancel(  # type: ignore[no-any-return]
+            workflow_id, request_key, reason=reason, ttl_days=ttl_days,
+            cleanup_interval_seconds=cleanup_interval_seconds)
+
+    def resume_workflow(self, workflow_id: str, request_key: str, *, ttl_days: float = 7,
+                        cleanup_interval_seconds: float = 300) -> dict[str, Any]:
+        """Make a ``cancelled`` or ``failed`` run runnable again at the step where it stopped
+        (attempt 0, deadline cleared); any other status is a success with ``changed: False``."""
+        return self.controls.resume(  # type: ignore[no-any-return]
+            workflow_id, request_key, ttl_days=ttl_days,
+            cleanup_interval_seconds=cleanup_interval_seconds)
+
+    def fork_workflow(self, workflow_id: str, request_key: str, *, start_step: Any = None,
+                      new_workflow_id: str | None = None, application_version: Any = None,
+                      ttl_days: float = 7, cleanup_interval_seconds: float = 300,
+                      ) -> dict[str, Any]:
+        """Start a new run from completed-step number ``start_step`` of ``workflow_id``
+        (history before it copied; ``None``/``<= 1``/not an integer: from the input).
+        The response adds ``"workflow_id"``: the new run's id."""
+        return self.controls.fork(  # type: ignore[no-any-return]
+            workflow_id, request_key, start_step=start_step, new_workflow_id=new_workflow_id,
+            application_version=application_version, ttl_days=ttl_days,
+            cleanup_interval_seconds=cleanup_interval_seconds)
+
+    def health(self) -> dict[str, str]:
+        """``{"status": "ok"}`` after a ``SELECT 1``; raises ``StorageError`` otherwise."""
+        return self.controls.health()  # type: ignore[no-any-return]
+
+    def bootstrap(self, *, check_idempotency_table: bool = True,
+                  required_tables: list[str] | None = None, strict: bool = False,
+                  ) -> dict[str, Any]:
+        """Preflight: database connection, schema version, required tables, idempotency
+        table, in that order. ``strict=True`` raises ``BootstrapError`` on the first failure."""
+        return self.controls.bootstrap(  # type: ignore[no-any-return]
+            check_idempotency_table=check_idempotency_table, required_tables=required_tables,
+            strict=strict)
 
     def stats(self) -> dict[str, int]:
         """Per-process counters: steps committed, stale messages dropped, leases lost..."""

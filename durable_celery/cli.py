@@ -174,6 +174,96 @@ def signal_(app_path: str | None, database_url: str | None, broker_url: str | No
     click.echo(_json(durable.signal(target, name, data, dedup_key=dedup_key)))
 
 
+def _control_options(func: Any) -> Any:
+    for option in reversed((
+        app_option, db_option, broker_option, click.argument("workflow_id"),
+        click.option("--request-key", required=True,
+                     help="Idempotency key: a retry with the same key replays the answer."),
+        click.option("--ttl-days", default=7.0, type=float, show_default=True,
+                     help="How long the request key is remembered."),
+        click.option("--cleanup-interval-seconds", default=300.0, type=float,
+                     show_default=True, help="Minimum seconds between expired-key cleanups."),
+    )):
+        func = option(func)
+    return func
+
+
+@main.command()
+@_control_options
+@click.option("--reason", default=None, help="Why; stored in the run's error.")
+def cancel(app_path: str | None, database_url: str | None, broker_url: str | None,
+           workflow_id: str, request_key: str, ttl_days: float,
+           cleanup_interval_seconds: float, reason: str | None) -> None:
+    """Cancel a run (and its live children)."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.cancel_workflow(
+        workflow_id, request_key, reason=reason, ttl_days=ttl_days,
+        cleanup_interval_seconds=cleanup_interval_seconds)))
+
+
+@main.command()
+@_control_options
+def resume(app_path: str | None, database_url: str | None, broker_url: str | None,
+           workflow_id: str, request_key: str, ttl_days: float,
+           cleanup_interval_seconds: float) -> None:
+    """Resume a cancelled or failed run at the step where it stopped."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.resume_workflow(
+        workflow_id, request_key, ttl_days=ttl_days,
+        cleanup_interval_seconds=cleanup_interval_seconds)))
+
+
+@main.command()
+@_control_options
+@click.option("--start-step", default=None,
+              help="Completed-step number to fork from (1-based); default: from the input.")
+@click.option("--new-workflow-id", default=None, help="Id of the new run (default: a uuid).")
+@click.option("--application-version", default=None,
+              help="Registered workflow version that runs the fork (default: the source's).")
+def fork(app_path: str | None, database_url: str | None, broker_url: str | None,
+         workflow_id: str, request_key: str, ttl_days: float, cleanup_interval_seconds: float,
+         start_step: str | None, new_workflow_id: str | None,
+         application_version: str | None) -> None:
+    """Start a new run from a run's history."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.fork_workflow(
+        workflow_id, request_key, start_step=start_step, new_workflow_id=new_workflow_id,
+        application_version=application_version, ttl_days=ttl_days,
+        cleanup_interval_seconds=cleanup_interval_seconds)))
+
+
+@main.command()
+@app_option
+@db_option
+@broker_option
+def health(app_path: str | None, database_url: str | None, broker_url: str | None) -> None:
+    """Check that the database answers."""
+    durable = load_durable(app_path, database_url, broker_url)
+    click.echo(_json(durable.health()))
+
+
+@main.command()
+@app_option
+@db_option
+@broker_option
+@click.option("--strict/--no-strict", default=False,
+              help="Exit non-zero (with the failed check) when a check fails.")
+@click.option("--skip-idempotency-table", is_flag=True,
+              help="Do not check the control requests table.")
+@click.option("--require-table", "required_tables", multiple=True,
+              help="A table that must exist (repeatable; default: the durable_celery tables).")
+def bootstrap(app_path: str | None, database_url: str | None, broker_url: str | None,
+              strict: bool, skip_idempotency_table: bool,
+              required_tables: tuple[str, ...]) -> None:
+    """Preflight checks: connection, schema version, tables. Exit 1 if any fails."""
+    durable = load_durable(app_path, database_url, broker_url)
+    report = durable.bootstrap(check_idempotency_table=not skip_idempotency_table,
+                               required_tables=list(required_tables) or None, strict=strict)
+    click.echo(_json(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--data-dir", default=None, help="Where the embedded servers keep data.")
 @click.option("--runs", default=6, type=int, help="How many example runs to start.")

@@ -80,7 +80,36 @@ class InvalidOutcome(DurableCeleryError):
     """A step returned something that is not an outcome or JSON."""
 
 
-class DuplicateWorkflow(DurableCeleryError):
+class ControlError(DurableCeleryError):
+    """A control request (cancel, resume, fork) was refused."""
+
+    status = 400
+
+
+class InvalidRequest(ControlError, InvalidArgument):
+    """The control request is invalid."""
+
+    status = 400
+
+
+class IdempotencyConflict(ControlError):
+    """This request key was already used by another request, or by one that failed."""
+
+    status = 409
+
+
+class BootstrapError(DurableCeleryError):
+    """A preflight check failed."""
+
+    status = 503
+
+    @property
+    def check(self) -> str | None:
+        found = self.details.get("check")
+        return None if found is None else str(found)
+
+
+class DuplicateWorkflow(ControlError):
     """A live run already holds this key, or this workflow_id is taken."""
 
     status = 409
@@ -97,7 +126,7 @@ class NoTarget(DurableCeleryError):
     status = 404
 
 
-class WorkflowNotFound(DurableCeleryError):
+class WorkflowNotFound(ControlError):
     """No run has this workflow_id."""
 
     status = 404

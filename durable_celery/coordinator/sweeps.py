@@ -72,7 +72,8 @@ class Reaper:
 
 
 class Collector:
-    """Deletes finished runs (with history and signals) older than ``retention``."""
+    """Deletes finished runs (with history and signals) older than ``retention``, and
+    expired idempotency records of control requests."""
 
     def __init__(self, durable: Durable) -> None:
         self.durable = durable
@@ -86,4 +87,4 @@ class Collector:
             total += n
             if n < s.gc_batch_size:
                 break
-        return total
+        return total + int(self.durable.controls.cleanup())

@@ -1,0 +1,307 @@
+"""SQL of the control plane: idempotency records, cancel, resume, fork, preflight checks.
+
+A control request runs in ONE transaction: it first claims its request key (an insert that
+a concurrent request with the same key waits on, then sees), then applies the mutation
+inside a savepoint, then stores the response -- or, when the mutation is refused, rolls the
+savepoint back and stores the failure. Nothing is ever left "in progress": an uncommitted
+record is invisible, and a crashed transaction leaves no record at all.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from durable_celery import errors
+from durable_celery.storage import composition, migrate
+from durable_celery.storage.engine import EngineHolder
+from durable_celery.storage.records import Dispatch
+from durable_celery.storage.store import DISPATCH_COLUMNS, NOTIFY, _q
+
+S = migrate.SCHEMA
+
+# Claims the key, or takes over an expired record; returns nothing while a live record holds
+# the key (a concurrent transaction inserting the same key makes this wait for its outcome).
+CLAIM_KEY = _q("""
+INSERT INTO {S}.control_requests (request_key, action, target, status, expires_at)
+VALUES (:key, :action, :target, 'succeeded', now() + make_interval(secs => :ttl))
+ON CONFLICT (request_key) DO UPDATE SET
+    action = EXCLUDED.action, target = EXCLUDED.target, status = 'succeeded',
+    response = NULL, error = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
+  WHERE {S}.control_requests.expires_at <= now()
+RETURNING request_key
+""")
+
+GET_KEY = _q("""
+SELECT action, target, status, response, error FROM {S}.control_requests
+WHERE request_key = :key
+""")
+
+FINISH_KEY = _q("""
+UPDATE {S}.control_requests SET status = :status, response = CAST(:response AS jsonb),
+    error = CAST(:error AS jsonb)
+WHERE request_key = :key
+""")
+
+DELETE_EXPIRED = _q("""
+DELETE FROM {S}.control_requests WHERE request_key IN (
+  SELECT request_key FROM {S}.control_requests WHERE expires_at <= now()
+  ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED
+)
+""")
+
+# The run and every live descendant, locked deepest first: the order every other path takes
+# (a child's terminal commit locks the child, then its parent, to count on it).
+CANCEL_TREE = _q("""
+WITH RECURSIVE tree AS (
+  SELECT id, 0 AS depth FROM {S}.runs WHERE id = :id
+  UNION
+  SELECT c.id, t.depth + 1 FROM {S}.runs AS c JOIN tree AS t ON c.parent_id = t.id
+  WHERE t.depth < 100
+), locked AS (
+  SELECT r.id FROM {S}.runs AS r JOIN tree USING (id)
+  WHERE r.finished_at IS NULL
+  ORDER BY tree.depth DESC, r.id
+  FOR UPDATE OF r
+)
+UPDATE {S}.runs AS r SET
+  status = 'cancelled', finished_at = now(), updated_at = now(),
+  error = jsonb_build_object('type', 'Cancelled',
+                             'message', COALESCE(CAST(:reason AS text), 'cancelled'),
+                             'reason', CAST(:reason AS text), 'cancelled_by', CAST(:root AS text)),
+  owner = NULL, lease = NULL, started_at = NULL, dispatch_at = NULL,
+  await_names = NULL, await_deadline = NULL
+FROM locked WHERE r.id = locked.id AND r.finished_at IS NULL
+RETURNING r.id, r.parent_id, r.spawn_seq, r.held
+""")
+
+# A run cancelled while compensating resumes compensating (its step is a compensation).
+RESUME = _q("""
+UPDATE {S}.runs SET
+  status = CASE WHEN failure IS NOT NULL AND jsonb_array_length(compensations) > 0
+                THEN 'compensating' ELSE 'runnable' END,
+  attempt = 0, recoveries = 0, finished_at = NULL, result = NULL,
+  error = NULL, timed_out = false, await_names = NULL, await_deadline = NULL,
+  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(), held = false,
+  visit = seq, dispatch_at = now() + make_interval(secs => :redispatch),
+  dispatched_at = now(), dispatch_count = 1, updated_at = now()
+WHERE id = :id AND status IN ('cancelled', 'failed')
+RETURNING """ + DISPATCH_COLUMNS + ", parent_id, spawn_seq")
+
+# A resumed child is pending again for a parent still waiting on its spawn (it was counted
+# when it was cancelled or failed). Child row first, then the parent, as everywhere.
+UNCOUNT = _q("""
+UPDATE {S}.runs SET children_pending = children_pending + 1, updated_at = now()
+WHERE id = :parent_id AND status = 'awaiting_children' AND visit = :spawn_seq
+""")
+
+LOCK_RUN = _q("""
+SELECT id, workflow, version, status, step, seq, queue, run_queue, priority, key, input
+FROM {S}.runs WHERE id = :id FOR SHARE
+""")
+
+HISTORY_ROWS = _q("""
+SELECT seq, step, state, outcome FROM {S}.steps WHERE run_id = :id ORDER BY seq
+""")
+
+FORK = _q("""
+INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, seq,
+                      visit, state, input, eligible_at, dispatch_at, dispatched_at,
+                      dispatch_count, forked_from, app_version, compensations)
+SELECT :new_id, workflow, :version, :queue, run_queue, priority, 'runnable', :step, :seq,
+       :seq, COALESCE(CAST(:state AS jsonb), input), input, now(), now() + make_interval(secs => :redispatch),
+       now(), 1, id, :app_version, CAST(:compensations AS jsonb)
+FROM {S}.runs WHERE id = :id
+ON CONFLICT DO NOTHING
+RETURNING """ + DISPATCH_COLUMNS)
+
+COPY_HISTORY = _q("""
+INSERT INTO {S}.steps (run_id, seq, step, attempt, outcome, next_step, state, error,
+                       started_at, finished_at, worker)
+SELECT :new_id, seq, step, attempt, outcome, next_step, state, error, started_at,
+       finished_at, worker
+FROM {S}.steps WHERE run_id = :id AND seq < :before
+""")
+
+TABLE_EXISTS = _q("SELECT to_regclass(:name) IS NOT NULL")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What a mutation returns: the response to store and the messages to publish."""
+
+    response: dict[str, Any]
+    dispatches: Sequence[Dispatch] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForkSource:
+    """The parts of a source run a fork needs, and its history (seq, step, state)."""
+
+    workflow: str
+    version: int
+    step: str
+    queue: str
+    run_queue: str | None
+    history: Sequence[tuple[int, str, Any]]
+    outcomes: Sequence[str] = ()   # the history's outcome labels, in the same order
+
+
+Mutation = Callable[[sa.Connection], Outcome]
+
+
+class ControlStore:
+    """Idempotent control requests. Engines are per process (see EngineHolder)."""
+
+    def __init__(self, holder: EngineHolder, *, redispatch_after: float) -> None:
+        self.db = holder
+        self.redispatch_after = redispatch_after
+
+    # ------------------------------------------------------------------ idempotency
+
+    def request(self, *, key: str, action: str, target: str, ttl_seconds: float,
+                mutation: Mutation) -> tuple[Outcome, bool]:
+        """Run ``mutation`` at most once per live ``key``: ``(outcome, replayed)``.
+
+        Raises ``IdempotencyConflict`` when the key belongs to another action or target, or to
+        a request that failed; re-raises (after recording it) a ``ControlError`` the mutation
+        raised.
+        """
+        params = {"key": key, "action": action, "target": target, "ttl": ttl_seconds}
+        failure: errors.ControlError | None = None
+        with self.db.begin() as conn:
+            if conn.execute(CLAIM_KEY, params).first() is None:
+                row = conn.execute(GET_KEY, {"key": key}).mappings().one()
+                return Outcome(response=_replay(key, action, target, row)), True
+            savepoint = conn.begin_nested()
+            try:
+                outcome = mutation(conn)
+            except errors.ControlError as exc:
+                savepoint.rollback()
+                conn.execute(FINISH_KEY, {"key": key, "status": "failed", "response": None,
+                                          "error": json.dumps(exc.body, default=str)})
+                failure = exc
+            else:
+                savepoint.commit()
+                conn.execute(FINISH_KEY, {"key": key, "status": "succeeded",
+                                          "response": json.dumps(outcome.response),
+                                          "error": None})
+                if outcome.dispatches:
+                    conn.execute(NOTIFY)
+        if failure is not None:
+            raise failure
+        return outcome, False
+
+    def delete_expired(self, limit: int = 1000) -> int:
+        with self.db.begin() as conn:
+            return int(conn.execute(DELETE_EXPIRED, {"limit": limit}).rowcount)
+
+    # ------------------------------------------------------------------ mutations
+
+    def cancel(self, conn: sa.Connection, workflow_id: str, reason: str | None,
+               ) -> tuple[list[str], list[Dispatch]]:
+        """Cancel the run and its live descendants; returns the ids that changed and the
+        runs to publish (a parent waiting for the cancelled run wakes like for any
+        terminal child; a cancelled child frees a foreach slot)."""
+        params = {"id": workflow_id, "reason": reason, "root": workflow_id}
+        rows: list[Any] = []
+        for _ in range(10):
+            # A Spawn committing while we cancel: its parent is cancelled now (it waited
+            # for the row lock), so no new child can appear; the next pass, a new statement
+            # with a new snapshot, cancels the children that Spawn inserted.
+            found = conn.execute(CANCEL_TREE, params).mappings().all()
+            rows += found
+            if not found:
+                break
+        wakes = composition.children_finished(conn, [
+            composition.Finished(r["parent_id"], r["spawn_seq"], held=bool(r["held"]))
+            for r in rows if r["parent_id"] is not None], redispatch=self.redispatch_after)
+        return [str(r["id"]) for r in rows], wakes
+
+    def resume(self, conn: sa.Connection, workflow_id: str) -> Dispatch | None:
+        try:
+            with conn.begin_nested():
+                row = conn.execute(RESUME, {"id": workflow_id,
+                                            "redispatch": self.redispatch_after}
+                                   ).mappings().first()
+        except sa.exc.IntegrityError:  # runs_live_key_idx: another live run holds the key
+            raise errors.DuplicateWorkflow(
+                f"run {workflow_id!r} cannot resume: its key is held by another live run",
+                workflow_id=workflow_id) from None
+        if row is None:
+            return None
+        if row["parent_id"] is not None and row["spawn_seq"] is not None:
+            conn.execute(UNCOUNT, {"parent_id": row["parent_id"],
+                                   "spawn_seq": row["spawn_seq"]})
+        return Dispatch.from_row(row)
+
+    def fork_source(self, conn: sa.Connection, workflow_id: str) -> ForkSource | None:
+        run = conn.execute(LOCK_RUN, {"id": workflow_id}).mappings().first()
+        if run is None:
+            return None
+        rows = conn.execute(HISTORY_ROWS, {"id": workflow_id}).mappings().all()
+        history = [(int(h["seq"]), str(h["step"]), h["state"]) for h in rows]
+        return ForkSource(workflow=run["workflow"], version=run["version"], step=run["step"],
+                          queue=run["queue"], run_queue=run["run_queue"], history=history,
+                          outcomes=[str(h["outcome"]) for h in rows])
+
+    def fork(self, conn: sa.Connection, *, source_id: str, new_id: str | None, version: int,
+             step: str, queue: str, seq: int, state: str | None, app_version: str | None,
+             compensations: str = "[]") -> Dispatch | None:
+        """Insert the fork (runnable at ``step`` after ``seq`` copied history rows, with
+        ``state``, or the source's input when None); None when ``new_id`` is taken.
+        ``compensations`` is the stack of the copied completed steps. A fork copies no
+        children: a parent forked before its Spawn spawns children of its own."""
+        row = conn.execute(FORK, {
+            "id": source_id, "new_id": new_id or str(uuid.uuid4()), "version": version,
+            "queue": queue, "step": step, "seq": seq, "state": state,
+            "app_version": app_version, "redispatch": self.redispatch_after,
+            "compensations": compensations,
+        }).mappings().first()
+        if row is None:
+            return None
+        if seq:
+            conn.execute(COPY_HISTORY, {"id": source_id, "new_id": row["id"], "before": seq + 1})
+        return Dispatch.from_row(row)
+
+    # ------------------------------------------------------------------ preflight
+
+    def ping(self) -> None:
+        with self.db.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def applied_versions(self) -> list[int]:
+        with self.db.connect() as conn:
+            return migrate.applied_versions(conn)
+
+    def missing_tables(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` (``table`` in our schema or ``schema.table``) that do not exist."""
+        missing = []
+        with self.db.connect() as conn:
+            for name in names:
+                qualified = name if "." in name else f"{S}.{name}"
+                if not conn.execute(TABLE_EXISTS, {"name": qualified}).scalar():
+                    missing.append(name)
+        return missing
+
+
+def _replay(key: str, action: str, target: str, row: Any) -> dict[str, Any]:
+    if row["action"] != action or row["target"] != target:
+        raise errors.IdempotencyConflict(
+            f"request key {key!r} was used for {row['action']} of {row['target']!r}, "
+            f"not {action} of {target!r}",
+            idempotency_key=key, action=row["action"], target=row["target"])
+    if row["status"] == "failed":
+        failure = row["error"] or {}
+        raise errors.IdempotencyConflict(
+            f"request key {key!r} belongs to a {action} of {target!r} that failed: "
+            f"{failure.get('message', failure)}",
+            idempotency_key=key, action=action, target=target, failure=failure)
+    response = dict(row["response"] or {})
+    response["idempotency_replayed"] = True
+    return response
