@@ -20,25 +20,26 @@ app = Celery("dashboards", broker=os.environ.get("CELERY_BROKER_URL",
                                                  "redis://localhost:6379/0"))
 durable = Durable(app)
 
-# One workflow holds the fetchers; parallel() starts each as a one-step child run.
+# One workflow holds the fetchers; parallel() starts each as a one-step child run (it runs
+# that step only; what the step returns is the child's result).
 fetch = durable.workflow("dashboard_fetch", version=1)
 
 
 @fetch.step(retry={"max_attempts": 3, "delay": 1})
 def fetch_sales(ctx):
-    return Done({"sales": 1200 if ctx.state["region"] == "eu" else 900})
+    return {"sales": 1200 if ctx.state["region"] == "eu" else 900}
 
 
 @fetch.step(retry={"max_attempts": 3, "delay": 1})
 def fetch_users(ctx):
-    return Done({"users": 314})
+    return {"users": 314}
 
 
 @fetch.step(retry={"max_attempts": 3, "delay": 1})
 def fetch_tickets(ctx):
     if ctx.state.get("tickets_down"):
         raise ConnectionError("ticket system unreachable")
-    return Done({"open_tickets": 7})
+    return {"open_tickets": 7}
 
 
 dashboard = durable.workflow("dashboard", version=1)

@@ -17,6 +17,9 @@ ALTER TABLE durable_celery.runs
     -- On a child: queued behind foreach's concurrency cap; not claimable, not dispatched.
     -- A sibling's terminal commit releases the next held child in spawn order.
     ADD COLUMN held                boolean NOT NULL DEFAULT false,
+    -- On a child started from a step function (parallel/foreach): it runs that one step;
+    -- a plain return value is its result.
+    ADD COLUMN single_step         boolean NOT NULL DEFAULT false,
     -- Await(mode="all"): wake once every awaited name has a pending signal.
     ADD COLUMN await_all           boolean NOT NULL DEFAULT false,
     -- Saga: compensations of completed steps, in completion order (a stack:

@@ -50,6 +50,11 @@ class Visit:
     compensations: tuple[dict[str, Any], ...] = ()   # the run's stack, top last
     compensation_errors: tuple[Any, ...] = ()
     failure: Any = None            # the failure that started compensating
+    single_step: bool = False      # a child of a step function: this step is the last
+
+    def after(self) -> Step | None:
+        """The step a plain return goes to (None: the run is done)."""
+        return None if self.single_step else self.workflow.after(self.step)
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
@@ -108,11 +113,11 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
     if not isinstance(returned, OUTCOME_TYPES):
         if returned is None or isinstance(returned, dict):
             new_state = state_after if returned is None else returned
-            following = wf.after(step)
+            following = v.after()
             if following is None:
                 return _done(v, returned, _state(v, new_state))
             return _next(v, following, _state(v, new_state))
-        if wf.after(step) is None:
+        if v.after() is None:
             return _done(v, returned, _state(v, state_after))
         raise errors.InvalidOutcome(
             f"step {step.name!r} returned a {type(returned).__name__}; a step that is not the "
@@ -209,7 +214,7 @@ def _seconds(value: Any, what: str) -> float:
 def _following(v: Visit, target: Any, what: str) -> Step:
     if target is not None:
         return v.workflow.resolve(target)
-    following = v.workflow.after(v.step)
+    following = v.after()
     if following is None:
         raise errors.InvalidOutcome(
             f"{what} from the last step {v.step.name!r} needs next= (no step follows it)"
@@ -311,7 +316,8 @@ def _children(v: Visit, spawn: Spawn, parent_state: str) -> tuple[str, int]:
         head = {"id": workflow_id, "workflow": wf.name, "version": wf.version,
                 "queue": wf.queue_for(step, spec.queue), "run_queue": spec.queue,
                 "step": step.name, "key": spec.key, "idx": index,
-                "held": cap is not None and index >= cap}
+                "held": cap is not None and index >= cap,
+                "single": not isinstance(spec.target, Workflow)}
         parts.append(json.dumps(head)[:-1] + ', "state": ' + state + "}")
     return "[" + ",".join(parts) + "]", len(parts)
 

@@ -156,10 +156,12 @@ class Claim:
     compensations: tuple[dict[str, Any], ...] = ()    # the stack, top last
     compensation_errors: tuple[Any, ...] = ()
     failure: Any = None
+    single_step: bool = False   # a child started from a step function: that step only
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
         return cls(
+            single_step=bool(row["single_step"]),
             children=tuple(Child.from_json(c) for c in (row["children"] or ())),
             compensating=row["status"] == "compensating",
             compensations=tuple(row["compensations"] or ()),

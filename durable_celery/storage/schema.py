@@ -69,6 +69,7 @@ runs = sa.Table(
     sa.Column("child_index", sa.Integer, nullable=True),
     sa.Column("spawn_seq", sa.Integer, nullable=True),
     sa.Column("held", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("single_step", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.Column("await_all", sa.Boolean, nullable=False, server_default=sa.text("false")),
     sa.Column("compensations", postgresql.JSONB, nullable=False,
               server_default=sa.text("'[]'::jsonb")),

@@ -80,7 +80,7 @@ WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
   AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
           r.queue, r.priority, r.timed_out, r.started_at, r.status, r.compensations,
-          r.compensation_errors, r.failure,
+          r.compensation_errors, r.failure, r.single_step,
           (SELECT jsonb_agg(jsonb_build_object('index', c.child_index, 'workflow_id', c.id,
                                                'workflow', c.workflow, 'status', c.status,
                                                'result', c.result, 'error', c.error,
@@ -225,7 +225,7 @@ WITH due AS (
 )
 UPDATE {S}.runs AS r SET
   status = 'runnable', timed_out = true, await_names = NULL, await_deadline = NULL,
-  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
+  await_all = false, eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
   dispatched_at = now(), dispatch_count = 1, updated_at = now()
 FROM due WHERE r.id = due.id
 RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
