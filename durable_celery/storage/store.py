@@ -183,7 +183,7 @@ NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
 # --- signals
 
 LOCK_TARGET = _q("""
-SELECT id, status, await_names, await_all, finished_at FROM {S}.runs
+SELECT id, status, await_names, finished_at FROM {S}.runs
 WHERE id = :target OR (key = :target AND finished_at IS NULL)
 ORDER BY (finished_at IS NULL) DESC, (id = :target) DESC
 LIMIT 1
