@@ -19,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from durable_celery import errors
+from durable_celery.definitions import MAX_SECONDS
 from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage.controls import ControlStore, ForkSource, Outcome
 
@@ -35,6 +36,8 @@ CORE_TABLES = ("schema_version", "runs", "steps", "signals", "workers")
 IDEMPOTENCY_TABLE = "control_requests"
 
 _INTEGER = re.compile(r"^\s*[+-]?\d{1,9}\s*$")
+_DIGITS = re.compile(r"^\s*([+-]?)(\d+)\s*$")
+MAX_VERSION = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------- validation
@@ -85,9 +88,16 @@ def parse_start_step(value: Any) -> int:
     integer, or <= 1. Integers, integral floats and numeric strings count."""
     if isinstance(value, bool) or value is None:
         return 1
+    if isinstance(value, str):
+        match = _DIGITS.match(value)
+        if match is None:
+            return 1
+        sign, digits = match.groups()
+        if len(digits.lstrip("0")) > 18:  # beyond any history; int() refuses > 4300 digits
+            return 1 if sign == "-" else 10**18
+        return max(int(sign + digits), 1)
     integral = isinstance(value, int) or (
-        isinstance(value, float) and math.isfinite(value) and value.is_integer()) or (
-        isinstance(value, str) and _INTEGER.match(value) is not None)
+        isinstance(value, float) and math.isfinite(value) and value.is_integer())
     return max(int(value), 1) if integral else 1
 
 
@@ -96,9 +106,10 @@ def _version(value: Any) -> int | None:
         return None
     if isinstance(value, str) and _INTEGER.match(value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
         raise errors.InvalidRequest(
-            f"application_version must be a workflow version (an int >= 1), got {value!r}"[:300],
+            f"application_version must be a workflow version (an int in 1..{MAX_VERSION}), "
+            f"got {value!r}"[:300],
             field="application_version")
     return value
 
@@ -173,8 +184,12 @@ class Controls:
             copied = number - 1
         else:
             step, state, copied = self._first_step(source, wf), None, 0
-        queue = wf.queue_for(wf.resolve(step), source.run_queue) if wf is not None and \
-            step in wf.steps else (source.run_queue or source.queue)
+        if wf is not None and step not in wf.steps:
+            raise errors.InvalidRequest(
+                f"version {version} of workflow {source.workflow!r} has no step {step!r} to "
+                f"fork from; its steps: {list(wf.steps)}", field="application_version")
+        queue = wf.queue_for(wf.resolve(step), source.run_queue) if wf is not None \
+            else (source.run_queue or source.queue)
         dispatch = self.store.fork(
             conn, source_id=source_id, new_id=new_id, version=version, step=step, queue=queue,
             seq=copied, state=json.dumps(state) if copied else None,
@@ -211,7 +226,7 @@ class Controls:
         key = check_request_key(request_key)
         wid = check_workflow_id(workflow_id)
         ttl = _number(ttl_days, "ttl_days", low=1e-6, high=MAX_TTL_DAYS) * 86400.0
-        interval = _number(cleanup_interval, "cleanup_interval_seconds", low=0, high=86400 * 365)
+        interval = _number(cleanup_interval, "cleanup_interval_seconds", low=0, high=MAX_SECONDS)
         self.durable._ensure_ready()
         self._maybe_cleanup(interval)
         return key, wid, ttl
@@ -317,7 +332,8 @@ def _label(ok: bool | None) -> str:
 def _table_names(value: Any) -> list[str]:
     if value is None:
         return list(CORE_TABLES)
-    if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip()
+                                                       for v in value):
         raise errors.InvalidRequest("required_tables must be a list of table names",
                                     field="required_tables")
     return [v.strip() for v in value]
