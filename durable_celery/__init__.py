@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from durable_celery.app import Durable
-from durable_celery.definitions import Await, Done, Fail, Next, Retry, RetryPolicy, Sleep, Workflow
+from durable_celery.definitions import (
+    Await,
+    ChildSpec,
+    Done,
+    Fail,
+    Next,
+    Retry,
+    RetryPolicy,
+    Sleep,
+    Spawn,
+    Workflow,
+    foreach,
+    parallel,
+)
 from durable_celery.errors import (
     BootstrapError,
     ConfigurationError,
@@ -26,7 +39,7 @@ from durable_celery.errors import (
     WorkflowNotFound,
 )
 from durable_celery.runtime.context import Context
-from durable_celery.storage.records import Run, Signal, SignalResult, StepRecord
+from durable_celery.storage.records import Child, Run, Signal, SignalResult, StepRecord
 from durable_celery.storage.schedules import Schedule
 from durable_celery.tasks import TaskHandle
 
@@ -35,6 +48,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Await",
     "BootstrapError",
+    "Child",
+    "ChildSpec",
     "ConfigurationError",
     "Context",
     "ControlError",
@@ -58,6 +73,7 @@ __all__ = [
     "Signal",
     "SignalResult",
     "Sleep",
+    "Spawn",
     "StepRecord",
     "StorageError",
     "TaskHandle",
@@ -68,4 +84,6 @@ __all__ = [
     "WorkflowCancelled",
     "WorkflowFailed",
     "WorkflowNotFound",
+    "foreach",
+    "parallel",
 ]

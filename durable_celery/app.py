@@ -119,6 +119,12 @@ class Durable:
             self._latest[name] = wf
         return wf
 
+    def check_definitions(self) -> None:
+        """Raise ``InvalidArgument`` if a declared workflow is incomplete (a step's
+        ``compensate=`` naming no compensation). Workers check at start."""
+        for wf in self._workflows.values():
+            wf.check()
+
     def get_definition(self, name: str, version: int | None = None) -> Workflow:
         """The registered workflow ``name`` (its highest version unless ``version``)."""
         if not isinstance(name, str):
@@ -366,7 +372,8 @@ class Durable:
         return steps
 
     def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
-        """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``,
+        """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``
+        (also for ``compensated`` and ``compensation_failed``; ``run_status`` tells which),
         ``WorkflowCancelled``, ``WorkflowNotFound``, or ``WaitTimeout`` (a ``TimeoutError``)."""
         check_identifier(workflow_id, "workflow_id")
         if timeout is not None:
@@ -381,9 +388,10 @@ class Durable:
             status, result, error = found
             if status == "done":
                 return result
-            if status == "failed":
-                raise errors.WorkflowFailed(f"run {workflow_id} failed: {_describe(error)}",
-                                            workflow_id=workflow_id, error=error)
+            if status in ("failed", "compensated", "compensation_failed"):
+                what = "failed" if status == "failed" else f"failed ({status})"
+                raise errors.WorkflowFailed(f"run {workflow_id} {what}: {_describe(error)}",
+                                            workflow_id=workflow_id, error=error, run_status=status)
             if status == "cancelled":
                 raise errors.WorkflowCancelled(f"run {workflow_id} was cancelled",
                                                workflow_id=workflow_id, error=error)

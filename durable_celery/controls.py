@@ -138,8 +138,8 @@ class Controls:
                 "lone surrogates", field="reason")
 
         def mutation(conn: Any) -> Outcome:
-            changed = self.store.cancel(conn, wid, reason)
-            return Outcome(response=self._response(key, bool(changed)))
+            changed, wakes = self.store.cancel(conn, wid, reason)
+            return Outcome(response=self._response(key, bool(changed)), dispatches=wakes)
 
         return self._request(key, "cancel", wid, ttl, mutation)
 
@@ -193,7 +193,8 @@ class Controls:
         dispatch = self.store.fork(
             conn, source_id=source_id, new_id=new_id, version=version, step=step, queue=queue,
             seq=copied, state=json.dumps(state) if copied else None,
-            app_version=None if version == source.version else str(version))
+            app_version=None if version == source.version else str(version),
+            compensations=json.dumps(_compensations(wf, source, copied)))
         if dispatch is None:
             raise errors.DuplicateWorkflow(f"workflow_id {new_id!r} is already in use",
                                            existing_id=new_id)
@@ -381,3 +382,17 @@ def register_tasks(durable: Durable) -> None:
                        new_workflow_id=new_workflow_id,
                        application_version=application_version, ttl_days=ttl_days,
                        cleanup_interval_seconds=cleanup_interval_seconds)
+
+
+def _compensations(wf: Any, source: ForkSource, copied: int) -> list[dict[str, Any]]:
+    """The compensation stack of a fork: the copied steps that completed and declare one."""
+    if wf is None:
+        return []
+    stack = []
+    for (seq, step, _), outcome in zip(source.history[:copied], source.outcomes[:copied],
+                                       strict=False):
+        declared = wf.steps.get(step)
+        if declared is not None and declared.compensate is not None \
+                and outcome in ("next", "sleep", "await", "spawn"):
+            stack.append({"step": step, "compensation": declared.compensate, "seq": seq})
+    return stack

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
-from durable_celery import errors
+from durable_celery import errors, payloads
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
@@ -74,14 +74,27 @@ class Sleep:
     state: Any = KEEP
 
 
+AWAIT_MODES = ("any", "all")
+
+
 @dataclass(frozen=True, slots=True)
 class Await:
-    """Park until a signal with one of ``names`` arrives (or ``timeout`` seconds pass)."""
+    """Park until a signal with one of ``names`` arrives (or ``timeout`` seconds pass).
+
+    ``mode="all"`` waits until every name has a signal; on timeout the next step sees the
+    ones that did arrive (``ctx.signals``) and ``ctx.timed_out``.
+    """
 
     names: str | Iterable[str]
     next: str | Callable[..., Any] | None = None
     timeout: float | None = None
     state: Any = KEEP
+    mode: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.mode not in AWAIT_MODES:
+            raise errors.InvalidArgument(f"Await mode must be 'any' or 'all', got {self.mode!r}"
+                                         [:300])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +113,113 @@ class Fail:
     state: Any = KEEP
 
 
-Outcome = Next | Retry | Sleep | Await | Done | Fail
-OUTCOME_TYPES = (Next, Retry, Sleep, Await, Done, Fail)
+# The most children one Spawn may start (foreach over more: split the items in batches).
+MAX_CHILDREN = 10_000
+# The largest child state accepted when a spec is built; the configured payload limit is
+# applied again when the Spawn is committed.
+SPEC_MAX_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildSpec:
+    """One child run of a :class:`Spawn`: build it with ``wf.child(state, ...)``.
+
+    ``target`` is a workflow, or a step function of a registered workflow (the child then
+    starts at that step). ``state`` KEEP means "a copy of the parent's state".
+    """
+
+    target: Workflow | Callable[..., Any]
+    state: Any = KEEP
+    key: str | None = None
+    workflow_id: str | None = None
+    queue: str | None = None
+
+
+def check_concurrency(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise errors.InvalidArgument(f"concurrency must be None or an int >= 1, got {value!r}"
+                                     [:300])
+    return value
+
+
+def _as_spec(item: Any) -> ChildSpec:
+    if isinstance(item, ChildSpec):
+        return item
+    if isinstance(item, Workflow) or callable(item):
+        return ChildSpec(target=item)
+    raise errors.InvalidArgument(
+        f"a child is wf.child(...), a workflow or a step function; got {item!r}"[:300])
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """Start ``children`` and park until every one is terminal; then continue at ``next``.
+
+    The children are inserted in the same transaction that parks this run. The next step
+    sees them in ``ctx.children`` (spawn order). With ``concurrency``, at most that many
+    children are started at once; each one that finishes starts the next.
+    """
+
+    children: Iterable[ChildSpec | Workflow | Callable[..., Any]]
+    next: str | Callable[..., Any] | None = None
+    state: Any = KEEP
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.children, (str, bytes, dict)):
+            raise errors.InvalidArgument("Spawn children must be a list of wf.child(...) specs")
+        try:
+            specs = tuple(_as_spec(c) for c in self.children)
+        except TypeError:
+            raise errors.InvalidArgument(
+                f"Spawn children must be a list, got {self.children!r}"[:300]) from None
+        if len(specs) > MAX_CHILDREN:
+            raise errors.InvalidArgument(
+                f"a Spawn starts at most {MAX_CHILDREN} children, got {len(specs)}")
+        object.__setattr__(self, "children", specs)
+        check_concurrency(self.concurrency)
+
+
+def parallel(*branches: ChildSpec | Workflow | Callable[..., Any],
+             next: str | Callable[..., Any] | None = None, state: Any = KEEP,
+             concurrency: int | None = None) -> Spawn:
+    """Run ``branches`` (workflows, step functions or ``wf.child`` specs) as child runs,
+    each starting from a copy of this run's state, and continue at ``next`` when all are
+    terminal."""
+    return Spawn([_as_spec(b) for b in branches], next=next, state=state,
+                 concurrency=concurrency)
+
+
+def foreach(items: Iterable[Any], wf: Workflow | Callable[..., Any], *,
+            concurrency: int | None = None, next: str | Callable[..., Any] | None = None,
+            state: Any = KEEP) -> Spawn:
+    """One child run of ``wf`` per item, at most ``concurrency`` executing at once.
+
+    A dict item is the child's state; any other JSON value ``v`` becomes ``{"item": v}``.
+    """
+    check_concurrency(concurrency)
+    if not (isinstance(wf, Workflow) or callable(wf)):
+        raise errors.InvalidArgument(f"foreach needs a workflow or a step function, got {wf!r}"
+                                     [:300])
+    if isinstance(items, (str, bytes, dict)):
+        raise errors.InvalidArgument("foreach items must be a list (or another iterable)")
+    try:
+        listed = list(items)
+    except TypeError:
+        raise errors.InvalidArgument(f"foreach items must be iterable, got {items!r}"[:300]) \
+            from None
+    specs = []
+    for item in listed:
+        child_state = item if isinstance(item, dict) else {"item": item}
+        payloads.check_object(child_state, what="foreach item", max_bytes=SPEC_MAX_BYTES)
+        specs.append(ChildSpec(target=wf, state=child_state))
+    return Spawn(specs, next=next, state=state, concurrency=concurrency)
+
+
+Outcome = Next | Retry | Sleep | Await | Spawn | Done | Fail
+OUTCOME_TYPES = (Next, Retry, Sleep, Await, Spawn, Done, Fail)
 
 # ----------------------------------------------------------------------------- retry policy
 
@@ -201,6 +319,8 @@ class Step:
     retry: RetryPolicy
     queue: str | None = None
     run_ahead: bool | None = None
+    compensate: str | None = None      # the compensation undoing this step once completed
+    is_compensation: bool = False
 
     def __call__(self, ctx: Context) -> Any:
         return self.fn(ctx)
@@ -216,6 +336,7 @@ class Workflow:
     queue: str | None = None
     run_ahead: bool | None = None
     steps: dict[str, Step] = field(default_factory=dict)
+    compensations: dict[str, Step] = field(default_factory=dict)
 
     # -- declaring steps
 
@@ -225,30 +346,39 @@ class Workflow:
     @overload
     def step(self, fn: None = None, *, name: str | None = None,
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
-             run_ahead: bool | None = None) -> Callable[[StepFunction], StepFunction]: ...
+             run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
+             ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(self, fn: StepFunction | None = None, *, name: str | None = None,
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
-             run_ahead: bool | None = None) -> Any:
+             run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
+             ) -> Any:
         """Declare a step. The first declared step is the initial one.
 
         Use bare (``@wf.step``) or with options (``@wf.step(retry={...}, queue=...)``).
-        The function is returned unchanged, so it can still be called directly in tests.
+        ``compensate`` names the compensation (``@wf.compensation``) that undoes this step
+        if the run fails after the step completed. The function is returned unchanged, so
+        it can still be called directly in tests.
         """
         policy = RetryPolicy.parse(retry)
         if queue is not None:
             check_name(queue, "queue")
+        undo = None
+        if compensate is not None:
+            undo = check_name(compensate if isinstance(compensate, str)
+                              else getattr(compensate, "__name__", compensate), "compensate")
+            if undo in self.steps:
+                raise errors.InvalidArgument(
+                    f"compensate={undo!r} names a step of workflow {self.name!r}; it must name "
+                    "a compensation declared with @wf.compensation")
 
         def register(func: StepFunction) -> StepFunction:
             if not callable(func):
                 raise errors.InvalidArgument(f"a step must be callable, not {func!r}")
             step_name = check_name(func.__name__ if name is None else name, "step name")
-            if step_name in self.steps:
-                raise errors.InvalidArgument(
-                    f"workflow {self.name!r} v{self.version} already has a step {step_name!r}"
-                )
+            self._check_free(step_name)
             step = Step(name=step_name, fn=func, index=len(self.steps), retry=policy,
-                        queue=queue, run_ahead=run_ahead)
+                        queue=queue, run_ahead=run_ahead, compensate=undo)
             self.steps[step_name] = step
             self.durable._register_step(self, step)
             return func
@@ -256,6 +386,73 @@ class Workflow:
         if fn is not None:
             return register(fn)
         return register
+
+    def _check_free(self, name: str) -> None:
+        for kind, taken in (("step", self.steps), ("compensation", self.compensations)):
+            if name in taken:
+                raise errors.InvalidArgument(
+                    f"workflow {self.name!r} v{self.version} already has a {kind} {name!r}")
+
+    @overload
+    def compensation(self, fn: StepFunction) -> StepFunction: ...
+
+    @overload
+    def compensation(self, fn: None = None, *, name: str | None = None,
+                     retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
+                     ) -> Callable[[StepFunction], StepFunction]: ...
+
+    def compensation(self, fn: StepFunction | None = None, *, name: str | None = None,
+                     retry: RetryOptions | RetryPolicy | None = None,
+                     queue: str | None = None) -> Any:
+        """Declare a compensation: the undo of a step declared with ``compensate=``.
+
+        It runs as a durable step (own retry policy, own history row) when the run fails
+        after that step completed. It may change ``ctx.state`` (or return a dict, the new
+        state), return ``Retry(delay)``, or fail (raise after its retries, or ``Fail``).
+        """
+        policy = RetryPolicy.parse(retry)
+        if queue is not None:
+            check_name(queue, "queue")
+
+        def register(func: StepFunction) -> StepFunction:
+            if not callable(func):
+                raise errors.InvalidArgument(f"a compensation must be callable, not {func!r}")
+            comp_name = check_name(func.__name__ if name is None else name, "compensation name")
+            self._check_free(comp_name)
+            step = Step(name=comp_name, fn=func, index=-1, retry=policy, queue=queue,
+                        run_ahead=False, is_compensation=True)
+            self.compensations[comp_name] = step
+            self.durable._register_step(self, step)
+            return func
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def check(self) -> None:
+        """Raise ``InvalidArgument`` if a step's ``compensate=`` names no compensation."""
+        missing = sorted({s.compensate for s in self.steps.values()
+                          if s.compensate is not None and s.compensate not in self.compensations})
+        if missing:
+            raise errors.InvalidArgument(
+                f"workflow {self.name!r} v{self.version}: compensate= names no declared "
+                f"compensation: {missing}; declare them with @wf.compensation")
+
+    def child(self, state: Any = KEEP, key: str | None = None, workflow_id: str | None = None,
+              *, queue: str | None = None) -> ChildSpec:
+        """A child run of this workflow, for ``Spawn``. ``state`` defaults to a copy of the
+        parent's state; ``key`` and ``workflow_id`` work as in ``start``."""
+        from durable_celery.app import check_identifier
+
+        if state is not KEEP:
+            payloads.check_object(state, what="child state", max_bytes=SPEC_MAX_BYTES)
+        if key is not None:
+            check_identifier(key, "key")
+        if workflow_id is not None:
+            check_identifier(workflow_id, "workflow_id")
+        if queue is not None:
+            check_name(queue, "queue")
+        return ChildSpec(target=self, state=state, key=key, workflow_id=workflow_id, queue=queue)
 
     # -- lookups
 
@@ -309,6 +506,7 @@ class Workflow:
         same database; the run commits or rolls back with it.
         Raises ``DuplicateWorkflow`` when the key or workflow_id is taken.
         """
+        self.check()
         return self.durable._start(self, state, workflow_id=workflow_id, key=key, delay=delay,
                                    at=at, queue=queue, priority=priority,
                                    concurrency_key=concurrency_key, connection=connection)

@@ -149,6 +149,11 @@ class WorkflowFailed(DurableCeleryError):
     def error(self) -> Any:
         return self.details.get("error")
 
+    @property
+    def run_status(self) -> str:
+        """``failed``, ``compensated`` or ``compensation_failed``."""
+        return str(self.details.get("run_status") or "failed")
+
 
 class WorkflowCancelled(DurableCeleryError):
     """The run was cancelled."""

@@ -28,6 +28,7 @@ def install(durable: Durable) -> None:
             self.coordinator: Any = None
 
         def start(self, parent: Any) -> None:
+            durable.check_definitions()  # a definition error stops the worker at start
             try:
                 durable._ensure_ready()
             except Exception:  # the database may come later: the worker must still start

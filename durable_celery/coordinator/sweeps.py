@@ -65,16 +65,17 @@ class Reaper:
         if now < self._grace_until:
             self._last_pass = now
             return 0
-        publish, failed = self.durable.store.reap(
+        reaped = self.durable.store.reap(
             stale_after=s.stale_after, max_recoveries=s.max_recoveries, limit=s.sweep_batch_size)
         self._last_pass = now  # only a pass that reached the database counts
-        for dispatch in publish:
+        for dispatch in reaped.publish:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
-        self.durable._publish_many(publish)
-        if failed:
-            log.error("%d run(s) failed after %d worker losses", failed, s.max_recoveries)
-        return len(publish) + failed
+        self.durable._publish_many(reaped.publish + reaped.wakes)
+        if reaped.failed:
+            log.error("%d run(s) failed after %d worker losses", reaped.failed,
+                      s.max_recoveries)
+        return len(reaped.publish) + reaped.failed
 
 
 class Collector:

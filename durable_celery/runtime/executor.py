@@ -73,7 +73,10 @@ def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_
     chain = 0
     while True:
         wf = durable._workflows.get((claim.workflow, claim.version))
-        step = wf.steps.get(claim.step) if wf is not None else None
+        step = None
+        if wf is not None:
+            steps = wf.compensations if claim.compensating else wf.steps
+            step = steps.get(claim.step)
         if wf is None or step is None:
             # Another deployment's version or a renamed step: give the run back, untouched.
             counters["released"] += 1
@@ -86,7 +89,11 @@ def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_
             workflow=wf, step=step, attempt=claim.attempt, queue=claim.queue,
             run_queue=claim.run_queue, original_state=claim.state,
             max_payload_bytes=settings.max_payload_bytes,
-            run_ahead=settings.run_ahead and chain < settings.run_ahead_limit,
+            run_ahead=settings.run_ahead and chain < settings.run_ahead_limit
+            and not claim.compensating,
+            compensating=claim.compensating, compensations=claim.compensations,
+            compensation_errors=claim.compensation_errors, failure=claim.failure,
+            single_step=claim.single_step,
         )
         transition = _run_step(durable, visit, claim)
         try:
@@ -107,14 +114,25 @@ def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_
         counters["steps"] += 1
         if committed.dispatch is not None:
             durable._publish(committed.dispatch)
+        if committed.wakes:
+            durable._publish_many(list(committed.wakes))
         if committed.status != "executing":
             return "committed"
         # Run-ahead: the commit kept our claim on the next step; continue without a hop.
         counters["run_ahead"] += 1
         claim = holder[0] = replace(
             claim, step=transition.step, seq=committed.seq, visit=committed.seq, attempt=0,
-            state=json.loads(transition.state), timed_out=False, signals=())
+            state=json.loads(transition.state), timed_out=False, signals=(), children=(),
+            compensations=_pushed(claim.compensations, transition, committed.seq))
         started_at = None
+
+
+def _pushed(stack: tuple[dict[str, Any], ...], transition: Transition, seq: int,
+            ) -> tuple[dict[str, Any], ...]:
+    """The compensation stack after a run-ahead commit (as the commit wrote it)."""
+    if transition.comp_push is None:
+        return stack
+    return (*stack, {**json.loads(transition.comp_push), "seq": seq})
 
 
 COMMIT_RETRIES = (0.05, 0.25, 1.0, 2.0)
@@ -133,8 +151,12 @@ def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: T
     uncertain = False
     for pause in (*COMMIT_RETRIES, None):
         try:
-            committed = durable.store.commit(claim, transition, worker=worker_id,
-                                             started_at=started_at)
+            try:
+                committed = durable.store.commit(claim, transition, worker=worker_id,
+                                                 started_at=started_at)
+            except errors.DuplicateWorkflow as exc:  # a Spawn's child id or key is taken
+                transition = outcomes.invalid(visit, exc.message)
+                continue
             if committed is None and uncertain:
                 # The connection may have dropped after the server committed: if so, the
                 # history row is ours and we carry on from what was committed.
@@ -159,7 +181,8 @@ def _run_step(durable: Durable, visit: outcomes.Visit, claim: Claim) -> Any:
         workflow_id=claim.workflow_id, workflow=claim.workflow, version=claim.version,
         step=claim.step, state=copy.deepcopy(claim.state),
         attempt=claim.attempt, seq=claim.seq, key=claim.key, timed_out=claim.timed_out,
-        signals=claim.signals,
+        signals=claim.signals, children=claim.children, compensating=claim.compensating,
+        failure=claim.failure,
         idempotency_key=f"{claim.workflow_id}:{claim.step}:{claim.visit}",
     )
     # ctx gets a copy: a step that raises after mutating ctx.state retries from the

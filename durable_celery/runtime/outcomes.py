@@ -5,8 +5,10 @@ Pure logic, no I/O: unit-tested without a database.
 
 from __future__ import annotations
 
+import json
 import traceback
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -15,11 +17,13 @@ from durable_celery.definitions import (
     KEEP,
     OUTCOME_TYPES,
     Await,
+    ChildSpec,
     Done,
     Fail,
     Next,
     Retry,
     Sleep,
+    Spawn,
     Step,
     Workflow,
     check_seconds,
@@ -42,6 +46,15 @@ class Visit:
     original_state: Any
     max_payload_bytes: int
     run_ahead: bool       # a Next to a same-queue step may continue in this task
+    compensating: bool = False     # ``step`` is a compensation
+    compensations: tuple[dict[str, Any], ...] = ()   # the run's stack, top last
+    compensation_errors: tuple[Any, ...] = ()
+    failure: Any = None            # the failure that started compensating
+    single_step: bool = False      # a child of a step function: this step is the last
+
+    def after(self) -> Step | None:
+        """The step a plain return goes to (None: the run is done)."""
+        return None if self.single_step else self.workflow.after(self.step)
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
@@ -66,7 +79,8 @@ def from_exception(v: Visit, exc: BaseException) -> Transition:
     attempts = v.attempt + 1
     policy = v.step.retry
     if attempts < policy.max_attempts:
-        return Transition(status="runnable", step=v.step.name, queue=v.queue, attempt=attempts,
+        return Transition(status="compensating" if v.compensating else "runnable",
+                          step=v.step.name, queue=v.queue, attempt=attempts,
                           state=state, error=_dumps(error), delay=policy.delay_after(attempts),
                           publish=False, outcome="retry", next_step=v.step.name, consume=False)
     error["attempts"] = attempts
@@ -82,9 +96,16 @@ def invalid(v: Visit, message: str) -> Transition:
 def decide(v: Visit, returned: Any, state_after: Any) -> Transition:
     """The transition for a step that returned ``returned`` with ctx.state ``state_after``."""
     try:
-        return _decide(v, returned, state_after)
+        if v.compensating:
+            return _decide_compensation(v, returned, state_after)
+        t = _decide(v, returned, state_after)
     except errors.DurableCeleryError as exc:
         return invalid(v, exc.message)
+    if v.step.compensate is not None and t.outcome in ("next", "sleep", "await", "spawn"):
+        # The step completed: its compensation joins the stack (the commit adds its seq).
+        t = replace(t, comp_push=json.dumps({"step": v.step.name,
+                                             "compensation": v.step.compensate}))
+    return t
 
 
 def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
@@ -92,11 +113,11 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
     if not isinstance(returned, OUTCOME_TYPES):
         if returned is None or isinstance(returned, dict):
             new_state = state_after if returned is None else returned
-            following = wf.after(step)
+            following = v.after()
             if following is None:
                 return _done(v, returned, _state(v, new_state))
             return _next(v, following, _state(v, new_state))
-        if wf.after(step) is None:
+        if v.after() is None:
             return _done(v, returned, _state(v, state_after))
         raise errors.InvalidOutcome(
             f"step {step.name!r} returned a {type(returned).__name__}; a step that is not the "
@@ -148,7 +169,16 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
             deadline = _seconds(returned.timeout, "Await timeout")
         return Transition(status="awaiting", step=target.name, queue=_queue(v, target),
                           attempt=0, state=state, await_names=names, deadline=deadline,
-                          outcome="await", next_step=target.name)
+                          outcome="await", next_step=target.name,
+                          await_all=returned.mode == "all")
+    if isinstance(returned, Spawn):
+        target = _following(v, returned.next, "Spawn")
+        if not returned.children:  # nothing to wait for: continue at once
+            return replace(_next(v, target, state), outcome="spawn")
+        rows, count = _children(v, returned, state)
+        return Transition(status="awaiting_children", step=target.name,
+                          queue=_queue(v, target), attempt=0, state=state, outcome="spawn",
+                          next_step=target.name, children=rows, children_count=count)
     raise AssertionError(f"unhandled outcome {returned!r}")  # pragma: no cover
 
 
@@ -184,7 +214,7 @@ def _seconds(value: Any, what: str) -> float:
 def _following(v: Visit, target: Any, what: str) -> Step:
     if target is not None:
         return v.workflow.resolve(target)
-    following = v.workflow.after(v.step)
+    following = v.after()
     if following is None:
         raise errors.InvalidOutcome(
             f"{what} from the last step {v.step.name!r} needs next= (no step follows it)"
@@ -221,9 +251,135 @@ def _done(v: Visit, result: Any, state: str) -> Transition:
 
 
 def _failed(v: Visit, state: str, error: dict[str, Any]) -> Transition:
+    if v.compensating:
+        return _compensation_done(v, state, error)
+    if v.compensations:  # completed steps have compensations: undo them, newest first
+        top = str(v.compensations[-1]["compensation"])
+        text = _dumps(error)
+        return Transition(status="compensating", step=top, queue=_compensation_queue(v, top),
+                          attempt=0, state=state, error=text, failure=text, publish=True,
+                          outcome="fail", next_step=top, compensation_errors="[]")
     return Transition(status="failed", step=v.step.name, queue=v.queue, attempt=v.attempt,
                       state=state, error=_dumps(error), outcome="fail", next_step=None)
 
 
 def _dumps(value: Any) -> str:
     return payloads.check(value, what="error", max_bytes=10**7)
+
+
+# ----------------------------------------------------------------------------- Spawn
+
+
+def _resolve_child(v: Visit, target: Any) -> tuple[Workflow, Step]:
+    """The registered workflow (and first step) a child spec names."""
+    durable = v.workflow.durable
+    if isinstance(target, Workflow):
+        if durable._workflows.get((target.name, target.version)) is not target:
+            raise errors.UnknownWorkflow(
+                f"cannot spawn workflow {target.name!r} v{target.version}: it is not "
+                "registered with this Durable", workflow=target.name)
+        target.check()
+        return target, target.first
+    for wf in durable._workflows.values():
+        for step in wf.steps.values():
+            if step.fn is target:
+                wf.check()
+                return wf, step
+    label = getattr(target, "__name__", repr(target))
+    raise errors.UnknownWorkflow(
+        f"cannot spawn {label!r}: it is not a step of a registered workflow (declare it with "
+        "@wf.step on a workflow of this Durable)", workflow=str(label)[:200])
+
+
+def _children(v: Visit, spawn: Spawn, parent_state: str) -> tuple[str, int]:
+    """The JSON rows of a Spawn's children (states are embedded as checked JSON text)."""
+    cap = spawn.concurrency
+    ids: set[str] = set()
+    keys: set[str] = set()
+    parts: list[str] = []
+    for index, item in enumerate(spawn.children):
+        spec = item if isinstance(item, ChildSpec) else ChildSpec(target=item)
+        wf, step = _resolve_child(v, spec.target)
+        if spec.state is KEEP:
+            state = parent_state
+        else:
+            state = payloads.check_object(spec.state, what=f"child {index} state",
+                                          max_bytes=v.max_payload_bytes)
+        workflow_id = spec.workflow_id or str(uuid.uuid4())
+        if workflow_id in ids:
+            raise errors.InvalidOutcome(f"Spawn names workflow_id {workflow_id!r} twice")
+        ids.add(workflow_id)
+        if spec.key is not None:
+            if spec.key in keys:
+                raise errors.InvalidOutcome(f"Spawn names key {spec.key!r} twice")
+            keys.add(spec.key)
+        head = {"id": workflow_id, "workflow": wf.name, "version": wf.version,
+                "queue": wf.queue_for(step, spec.queue), "run_queue": spec.queue,
+                "step": step.name, "key": spec.key, "idx": index,
+                "held": cap is not None and index >= cap,
+                "single": not isinstance(spec.target, Workflow)}
+        parts.append(json.dumps(head)[:-1] + ', "state": ' + state + "}")
+    return "[" + ",".join(parts) + "]", len(parts)
+
+
+# ----------------------------------------------------------------------------- compensation
+
+
+def _compensation_queue(v: Visit, name: str) -> str:
+    step = v.workflow.compensations.get(name)
+    return v.workflow.queue_for(step, v.run_queue) if step is not None else v.queue
+
+
+def _decide_compensation(v: Visit, returned: Any, state_after: Any) -> Transition:
+    """A compensation returned: None or a dict (new state) or Done mean undone; Retry runs
+    it again; Fail records its error. Either way the next compensation follows."""
+    if isinstance(returned, OUTCOME_TYPES):
+        state = _state(v, state_after if returned.state is KEEP else returned.state)
+    else:
+        state = _state(v, returned if isinstance(returned, dict) else state_after)
+    if isinstance(returned, Retry):
+        delay = _seconds(returned.delay, "Retry delay")
+        return Transition(status="compensating", step=v.step.name, queue=v.queue,
+                          attempt=v.attempt + 1, state=state, delay=delay, publish=delay == 0,
+                          outcome="retry", next_step=v.step.name, consume=False)
+    if isinstance(returned, Fail):
+        reason = returned.reason
+        message = reason if isinstance(reason, str) else repr(reason)
+        return _compensation_done(v, state, {"type": "Fail",
+                                             "message": payloads.printable(message, 2000)})
+    if isinstance(returned, OUTCOME_TYPES) and not isinstance(returned, Done):
+        raise errors.InvalidOutcome(
+            f"compensation {v.step.name!r} returned {type(returned).__name__}; a compensation "
+            "returns None, a dict (the new state), Done, Retry or Fail")
+    return _compensation_done(v, state, None)
+
+
+def _compensation_done(v: Visit, state: str, error: dict[str, Any] | None) -> Transition:
+    """This compensation is over (undone, or failed for good): pop it; run the next one, or
+    end ``compensated`` (error = the original failure) or ``compensation_failed``."""
+    stack = list(v.compensations)
+    if stack:
+        stack.pop()
+    errs = list(v.compensation_errors)
+    if error is not None:
+        errs.append({**error, "compensation": v.step.name, "attempts": v.attempt + 1})
+    outcome = "compensation_failed" if error is not None else "compensated"
+    failure = v.failure
+    if stack:
+        following = str(stack[-1]["compensation"])
+        return Transition(status="compensating", step=following,
+                          queue=_compensation_queue(v, following), attempt=0, state=state,
+                          error=_dumps(failure), publish=True, outcome=outcome,
+                          next_step=following, compensations=_dumps(stack),
+                          compensation_errors=_dumps(errs))
+    if errs:
+        summary = failure.get("message") if isinstance(failure, dict) else failure
+        final: Any = {"type": "CompensationFailed",
+                      "message": f"{len(errs)} compensation(s) failed after: {summary}"[:2000],
+                      "failure": failure, "compensation_errors": errs}
+        status = "compensation_failed"
+    else:
+        final, status = failure, "compensated"
+    return Transition(status=status, step=v.step.name, queue=v.queue, attempt=v.attempt,
+                      state=state, error=_dumps(final), outcome=outcome, next_step=None,
+                      compensations="[]", compensation_errors=_dumps(errs))

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from durable_celery import errors
-from durable_celery.storage import migrate
+from durable_celery.storage import composition, migrate
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import Dispatch
 from durable_celery.storage.store import DISPATCH_COLUMNS, NOTIFY, _q
@@ -55,7 +55,8 @@ DELETE FROM {S}.control_requests WHERE request_key IN (
 )
 """)
 
-# The run and every live descendant, locked parent-first (a fixed order, like every lock).
+# The run and every live descendant, locked deepest first: the order every other path takes
+# (a child's terminal commit locks the child, then its parent, to count on it).
 CANCEL_TREE = _q("""
 WITH RECURSIVE tree AS (
   SELECT id, 0 AS depth FROM {S}.runs WHERE id = :id
@@ -65,7 +66,7 @@ WITH RECURSIVE tree AS (
 ), locked AS (
   SELECT r.id FROM {S}.runs AS r JOIN tree USING (id)
   WHERE r.finished_at IS NULL
-  ORDER BY tree.depth, r.id
+  ORDER BY tree.depth DESC, r.id
   FOR UPDATE OF r
 )
 UPDATE {S}.runs AS r SET
@@ -76,18 +77,28 @@ UPDATE {S}.runs AS r SET
   owner = NULL, lease = NULL, started_at = NULL, dispatch_at = NULL,
   await_names = NULL, await_deadline = NULL
 FROM locked WHERE r.id = locked.id AND r.finished_at IS NULL
-RETURNING r.id
+RETURNING r.id, r.parent_id, r.spawn_seq, r.held
 """)
 
+# A run cancelled while compensating resumes compensating (its step is a compensation).
 RESUME = _q("""
 UPDATE {S}.runs SET
-  status = 'runnable', attempt = 0, recoveries = 0, finished_at = NULL, result = NULL,
+  status = CASE WHEN failure IS NOT NULL AND jsonb_array_length(compensations) > 0
+                THEN 'compensating' ELSE 'runnable' END,
+  attempt = 0, recoveries = 0, finished_at = NULL, result = NULL,
   error = NULL, timed_out = false, await_names = NULL, await_deadline = NULL,
-  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(),
+  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(), held = false,
   visit = seq, dispatch_at = now() + make_interval(secs => :redispatch),
   dispatched_at = now(), dispatch_count = 1, updated_at = now()
 WHERE id = :id AND status IN ('cancelled', 'failed')
-RETURNING """ + DISPATCH_COLUMNS)
+RETURNING """ + DISPATCH_COLUMNS + ", parent_id, spawn_seq")
+
+# A resumed child is pending again for a parent still waiting on its spawn (it was counted
+# when it was cancelled or failed). Child row first, then the parent, as everywhere.
+UNCOUNT = _q("""
+UPDATE {S}.runs SET children_pending = children_pending + 1, updated_at = now()
+WHERE id = :parent_id AND status = 'awaiting_children' AND visit = :spawn_seq
+""")
 
 LOCK_RUN = _q("""
 SELECT id, workflow, version, status, step, seq, queue, run_queue, priority, key, input
@@ -95,16 +106,16 @@ FROM {S}.runs WHERE id = :id FOR SHARE
 """)
 
 HISTORY_ROWS = _q("""
-SELECT seq, step, state FROM {S}.steps WHERE run_id = :id ORDER BY seq
+SELECT seq, step, state, outcome FROM {S}.steps WHERE run_id = :id ORDER BY seq
 """)
 
 FORK = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, seq,
                       visit, state, input, eligible_at, dispatch_at, dispatched_at,
-                      dispatch_count, forked_from, app_version, concurrency_key)
+                      dispatch_count, forked_from, app_version, concurrency_key, compensations)
 SELECT :new_id, workflow, :version, :queue, run_queue, priority, 'runnable', :step, :seq,
        :seq, COALESCE(CAST(:state AS jsonb), input), input, now(), now() + make_interval(secs => :redispatch),
-       now(), 1, id, :app_version, concurrency_key
+       now(), 1, id, :app_version, concurrency_key, CAST(:compensations AS jsonb)
 FROM {S}.runs WHERE id = :id
 ON CONFLICT DO NOTHING
 RETURNING """ + DISPATCH_COLUMNS)
@@ -138,6 +149,7 @@ class ForkSource:
     queue: str
     run_queue: str | None
     history: Sequence[tuple[int, str, Any]]
+    outcomes: Sequence[str] = ()   # the history's outcome labels, in the same order
 
 
 Mutation = Callable[[sa.Connection], Outcome]
@@ -191,11 +203,25 @@ class ControlStore:
 
     # ------------------------------------------------------------------ mutations
 
-    def cancel(self, conn: sa.Connection, workflow_id: str, reason: str | None) -> list[str]:
-        """Cancel the run and its live descendants; returns the ids that changed."""
-        rows = conn.execute(CANCEL_TREE, {"id": workflow_id, "reason": reason,
-                                          "root": workflow_id}).scalars().all()
-        return [str(r) for r in rows]
+    def cancel(self, conn: sa.Connection, workflow_id: str, reason: str | None,
+               ) -> tuple[list[str], list[Dispatch]]:
+        """Cancel the run and its live descendants; returns the ids that changed and the
+        runs to publish (a parent waiting for the cancelled run wakes like for any
+        terminal child; a cancelled child frees a foreach slot)."""
+        params = {"id": workflow_id, "reason": reason, "root": workflow_id}
+        rows: list[Any] = []
+        for _ in range(10):
+            # A Spawn committing while we cancel: its parent is cancelled now (it waited
+            # for the row lock), so no new child can appear; the next pass, a new statement
+            # with a new snapshot, cancels the children that Spawn inserted.
+            found = conn.execute(CANCEL_TREE, params).mappings().all()
+            rows += found
+            if not found:
+                break
+        wakes = composition.children_finished(conn, [
+            composition.Finished(r["parent_id"], r["spawn_seq"], held=bool(r["held"]))
+            for r in rows if r["parent_id"] is not None], redispatch=self.redispatch_after)
+        return [str(r["id"]) for r in rows], wakes
 
     def resume(self, conn: sa.Connection, workflow_id: str) -> Dispatch | None:
         try:
@@ -207,26 +233,35 @@ class ControlStore:
             raise errors.DuplicateWorkflow(
                 f"run {workflow_id!r} cannot resume: its key is held by another live run",
                 workflow_id=workflow_id) from None
-        return Dispatch.from_row(row) if row is not None else None
+        if row is None:
+            return None
+        if row["parent_id"] is not None and row["spawn_seq"] is not None:
+            conn.execute(UNCOUNT, {"parent_id": row["parent_id"],
+                                   "spawn_seq": row["spawn_seq"]})
+        return Dispatch.from_row(row)
 
     def fork_source(self, conn: sa.Connection, workflow_id: str) -> ForkSource | None:
         run = conn.execute(LOCK_RUN, {"id": workflow_id}).mappings().first()
         if run is None:
             return None
-        history = [(int(h["seq"]), str(h["step"]), h["state"])
-                   for h in conn.execute(HISTORY_ROWS, {"id": workflow_id}).mappings()]
+        rows = conn.execute(HISTORY_ROWS, {"id": workflow_id}).mappings().all()
+        history = [(int(h["seq"]), str(h["step"]), h["state"]) for h in rows]
         return ForkSource(workflow=run["workflow"], version=run["version"], step=run["step"],
-                          queue=run["queue"], run_queue=run["run_queue"], history=history)
+                          queue=run["queue"], run_queue=run["run_queue"], history=history,
+                          outcomes=[str(h["outcome"]) for h in rows])
 
     def fork(self, conn: sa.Connection, *, source_id: str, new_id: str | None, version: int,
              step: str, queue: str, seq: int, state: str | None, app_version: str | None,
-             ) -> Dispatch | None:
+             compensations: str = "[]") -> Dispatch | None:
         """Insert the fork (runnable at ``step`` after ``seq`` copied history rows, with
-        ``state``, or the source's input when None); None when ``new_id`` is taken."""
+        ``state``, or the source's input when None); None when ``new_id`` is taken.
+        ``compensations`` is the stack of the copied completed steps. A fork copies no
+        children: a parent forked before its Spawn spawns children of its own."""
         row = conn.execute(FORK, {
             "id": source_id, "new_id": new_id or str(uuid.uuid4()), "version": version,
             "queue": queue, "step": step, "seq": seq, "state": state,
             "app_version": app_version, "redispatch": self.redispatch_after,
+            "compensations": compensations,
         }).mappings().first()
         if row is None:
             return None

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-TERMINAL = frozenset({"done", "failed", "cancelled"})
-STATUSES = frozenset({"runnable", "executing", "awaiting"}) | TERMINAL
+TERMINAL = frozenset({"done", "failed", "cancelled", "compensated", "compensation_failed"})
+STATUSES = frozenset({"runnable", "executing", "awaiting", "awaiting_children",
+                      "compensating"}) | TERMINAL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +38,7 @@ class Run:
     updated_at: datetime
     finished_at: datetime | None
     forked_from: str | None
+    children_pending: int = 0   # children of the current Spawn not yet terminal
 
     @property
     def is_terminal(self) -> bool:
@@ -59,7 +61,7 @@ class Run:
             await_names=tuple(names) if names is not None else None,
             await_deadline=row["await_deadline"], created_at=row["created_at"],
             updated_at=row["updated_at"], finished_at=row["finished_at"],
-            forked_from=row["forked_from"],
+            forked_from=row["forked_from"], children_pending=row["children_pending"],
         )
 
 
@@ -108,6 +110,29 @@ class Signal:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Child:
+    """A child run as the parent's next step sees it in ``ctx.children``."""
+
+    index: int
+    workflow_id: str
+    workflow: str
+    status: str
+    result: Any
+    error: Any
+    key: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_json(cls, data: Mapping[Any, Any]) -> Child:
+        return cls(index=int(data["index"]), workflow_id=data["workflow_id"],
+                   workflow=data["workflow"], status=data["status"], result=data.get("result"),
+                   error=data.get("error"), key=data.get("key"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Claim:
     """What a successful claim hands the executor."""
 
@@ -127,10 +152,22 @@ class Claim:
     lease: str
     signals: tuple[Signal, ...]
     concurrency_key: str | None = None
+    children: tuple[Child, ...] = ()
+    compensating: bool = False
+    compensations: tuple[dict[str, Any], ...] = ()    # the stack, top last
+    compensation_errors: tuple[Any, ...] = ()
+    failure: Any = None
+    single_step: bool = False   # a child started from a step function: that step only
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
         return cls(
+            single_step=bool(row["single_step"]),
+            children=tuple(Child.from_json(c) for c in (row["children"] or ())),
+            compensating=row["status"] == "compensating",
+            compensations=tuple(row["compensations"] or ()),
+            compensation_errors=tuple(row["compensation_errors"] or ()),
+            failure=row["failure"],
             workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
             step=row["step"], seq=row["seq"], visit=row["visit"], attempt=row["attempt"],
             state=row["state"], key=row["key"], run_queue=row["run_queue"], queue=row["queue"],

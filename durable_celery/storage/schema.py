@@ -19,7 +19,8 @@ TIMESTAMPTZ = sa.DateTime(timezone=True)
 NOW = sa.text("now()")
 ZERO = sa.text("0")
 
-RUN_STATUSES = ("runnable", "executing", "awaiting", "done", "failed", "cancelled")
+RUN_STATUSES = ("runnable", "executing", "awaiting", "awaiting_children", "compensating",
+                "done", "failed", "cancelled", "compensated", "compensation_failed")
 
 schema_version = sa.Table(
     "schema_version", metadata,
@@ -64,6 +65,18 @@ runs = sa.Table(
     sa.Column("forked_from", sa.Text, nullable=True),
     sa.Column("app_version", sa.Text, nullable=True),
     sa.Column("concurrency_key", sa.Text, nullable=True),
+    # migration 4: composition
+    sa.Column("children_pending", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("child_index", sa.Integer, nullable=True),
+    sa.Column("spawn_seq", sa.Integer, nullable=True),
+    sa.Column("held", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("single_step", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("await_all", sa.Boolean, nullable=False, server_default=sa.text("false")),
+    sa.Column("compensations", postgresql.JSONB, nullable=False,
+              server_default=sa.text("'[]'::jsonb")),
+    sa.Column("compensation_errors", postgresql.JSONB, nullable=False,
+              server_default=sa.text("'[]'::jsonb")),
+    sa.Column("failure", postgresql.JSONB, nullable=True),
     sa.CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
         name="runs_status_check",
@@ -72,9 +85,9 @@ runs = sa.Table(
 )
 
 sa.Index("runs_dispatch_idx", runs.c.dispatch_at,
-         postgresql_where=sa.text("status = 'runnable'"))
+         postgresql_where=sa.text("status = ANY (ARRAY['runnable', 'compensating'])"))
 sa.Index("runs_owner_idx", runs.c.owner,
-         postgresql_where=sa.text("status = 'executing'"))
+         postgresql_where=sa.text("status = ANY (ARRAY['executing', 'compensating'])"))
 sa.Index("runs_deadline_idx", runs.c.await_deadline,
          postgresql_where=sa.text("status = 'awaiting' AND await_deadline IS NOT NULL"))
 sa.Index("runs_live_key_idx", runs.c.key, unique=True,
@@ -88,6 +101,7 @@ sa.Index("runs_concurrency_key_idx", runs.c.concurrency_key, unique=True,
          postgresql_where=sa.text("status = 'executing' AND concurrency_key IS NOT NULL"))
 sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, runs.c.eligible_at,
          postgresql_where=sa.text("status = 'runnable' AND concurrency_key IS NOT NULL"))
+sa.Index("runs_held_idx", runs.c.parent_id, runs.c.child_index, postgresql_where=sa.text("held"))
 
 steps = sa.Table(
     "steps", metadata,

@@ -16,9 +16,16 @@ from typing import Any
 import sqlalchemy as sa
 
 from durable_celery import errors
-from durable_celery.storage import migrate
+from durable_celery.storage import composition, migrate
 from durable_celery.storage.engine import EngineHolder
-from durable_celery.storage.records import Claim, Dispatch, Run, SignalResult, StepRecord
+from durable_celery.storage.records import (
+    TERMINAL,
+    Claim,
+    Dispatch,
+    Run,
+    SignalResult,
+    StepRecord,
+)
 
 S = migrate.SCHEMA
 WAKEUP_CHANNEL = "durable_celery_wakeup"
@@ -26,7 +33,7 @@ WAKEUP_CHANNEL = "durable_celery_wakeup"
 RUN_COLUMNS = (
     "id, workflow, version, status, step, seq, attempt, state, input, result, error, key, "
     "queue, priority, parent_id, eligible_at, await_names, await_deadline, created_at, "
-    "updated_at, finished_at, forked_from"
+    "updated_at, finished_at, forked_from, children_pending"
 )
 DISPATCH_COLUMNS = "id, workflow, step, seq, queue, priority"
 
@@ -64,17 +71,27 @@ UPDATE {S}.runs SET dispatch_at = now() + make_interval(secs => :after), dispatc
 WHERE id = ANY(CAST(:ids AS text[])) AND status = 'runnable'
 """)
 
+# A compensating run keeps its status while a compensation executes (the owner tells).
 CLAIM = _q("""
 UPDATE {S}.runs AS r
-SET status = 'executing', owner = :owner, lease = :lease, started_at = now(), updated_at = now()
-WHERE r.id = :id AND r.seq = :seq AND r.status = 'runnable' AND r.eligible_at <= now()
+SET status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'executing' END,
+    owner = :owner, lease = :lease, started_at = now(), updated_at = now()
+WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
+  AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
   -- A concurrency key held by an executing run: stay runnable; the holder's commit hands
   -- the key on (HANDOFF). Two claims racing past this check meet the unique index.
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {S}.runs AS e
         WHERE e.concurrency_key = r.concurrency_key AND e.status = 'executing'))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
-          r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key,
+          r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.status,
+          r.compensations, r.compensation_errors, r.failure, r.single_step,
+          (SELECT jsonb_agg(jsonb_build_object('index', c.child_index, 'workflow_id', c.id,
+                                               'workflow', c.workflow, 'status', c.status,
+                                               'result', c.result, 'error', c.error,
+                                               'key', c.key) ORDER BY c.child_index)
+             FROM {S}.runs AS c
+            WHERE c.parent_id = r.id AND c.spawn_seq = r.visit) AS children,
           (SELECT jsonb_agg(jsonb_build_object('id', s.id, 'name', s.name, 'payload', s.payload,
                                                'dedup_key', s.dedup_key,
                                                'created_at', s.created_at) ORDER BY s.id)
@@ -85,9 +102,10 @@ RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.stat
 
 RELEASE = _q("""
 UPDATE {S}.runs
-SET status = 'runnable', owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
+SET status = CASE WHEN status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
+    owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
     dispatch_at = now() + make_interval(secs => :after), dispatched_at = NULL, dispatch_count = 0
-WHERE id = :id AND lease = :lease AND status = 'executing'
+WHERE id = :id AND lease = :lease AND status IN ('executing', 'compensating')
 """)
 
 COMMIT = _q("""
@@ -97,13 +115,22 @@ WITH r AS (
     visit = CASE WHEN :outcome = 'retry' THEN visit ELSE seq + 1 END, recoveries = 0,
     state = CAST(:state AS jsonb), result = CAST(:result AS jsonb), error = CAST(:error AS jsonb),
     eligible_at = COALESCE(CAST(:until AS timestamptz), now() + make_interval(secs => :delay)),
-    dispatch_at = CASE WHEN :status = 'runnable' THEN
+    dispatch_at = CASE WHEN :status IN ('runnable', 'compensating') THEN
         CASE WHEN :publish THEN now() + make_interval(secs => :redispatch)
              ELSE COALESCE(CAST(:until AS timestamptz), now() + make_interval(secs => :delay))
         END END,
     dispatched_at = CASE WHEN :publish THEN now() END,
     dispatch_count = CASE WHEN :publish THEN 1 ELSE 0 END,
-    await_names = CAST(:await_names AS text[]),
+    await_names = CAST(:await_names AS text[]), await_all = :await_all,
+    children_pending = :children_pending,
+    compensations = CASE
+        WHEN CAST(:compensations AS jsonb) IS NOT NULL THEN CAST(:compensations AS jsonb)
+        WHEN CAST(:comp_push AS jsonb) IS NOT NULL
+          THEN compensations || jsonb_build_array(CAST(:comp_push AS jsonb)
+                                                  || jsonb_build_object('seq', seq + 1))
+        ELSE compensations END,
+    compensation_errors = COALESCE(CAST(:compensation_errors AS jsonb), compensation_errors),
+    failure = COALESCE(CAST(:failure AS jsonb), failure),
     await_deadline = now() + make_interval(secs => CAST(:deadline AS double precision)),
     timed_out = CASE WHEN :outcome = 'retry' THEN timed_out ELSE false END,
     owner = CASE WHEN :status = 'executing' THEN owner END,
@@ -111,8 +138,8 @@ WITH r AS (
     started_at = CASE WHEN :status = 'executing' THEN now() END,
     finished_at = CASE WHEN :terminal THEN now() END,
     updated_at = now()
-  WHERE id = :id AND lease = :lease AND status = 'executing' AND seq = :seq
-  RETURNING id, workflow, step, seq, queue, priority, status
+  WHERE id = :id AND lease = :lease AND status IN ('executing', 'compensating') AND seq = :seq
+  RETURNING id, workflow, step, seq, queue, priority, status, parent_id, spawn_seq, app_version
 ), h AS (
   INSERT INTO {S}.steps (run_id, seq, step, attempt, outcome, next_step, state, error,
                          started_at, worker)
@@ -135,15 +162,22 @@ WITH d AS (
   WHERE run_id = :id AND delivered_at IS NULL AND name = ANY(CAST(:names AS text[]))
   RETURNING id
 )
-UPDATE {S}.runs SET status = 'runnable', await_names = NULL, await_deadline = NULL,
+UPDATE {S}.runs AS r SET status = 'runnable', await_names = NULL, await_deadline = NULL,
+    await_all = false,
     eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
     dispatched_at = now(), dispatch_count = 1, updated_at = now()
-WHERE id = :id AND status = 'awaiting' AND EXISTS (SELECT 1 FROM d)
-RETURNING """ + DISPATCH_COLUMNS)
+WHERE r.id = :id AND r.status = 'awaiting' AND CASE
+    WHEN r.await_all THEN NOT EXISTS (  -- every name has a pending signal
+        SELECT 1 FROM unnest(r.await_names) AS n(name)
+        WHERE NOT EXISTS (SELECT 1 FROM {S}.signals AS s WHERE s.run_id = r.id
+                          AND s.name = n.name AND s.consumed_at IS NULL))
+    ELSE EXISTS (SELECT 1 FROM d) END
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority""")
 
 LANDED = _q("""
 SELECT r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status,
-       (r.status = 'runnable' AND r.eligible_at <= now()) AS publish
+       (r.status IN ('runnable', 'compensating') AND r.owner IS NULL AND NOT r.held
+        AND r.eligible_at <= now()) AS publish
 FROM {S}.runs AS r
 JOIN {S}.steps AS h ON h.run_id = r.id AND h.seq = :seq AND h.worker = :worker AND h.step = :step
 WHERE r.id = :id AND r.seq = :seq
@@ -203,7 +237,7 @@ RETURNING id
 DISPATCH_DUE = _q("""
 WITH due AS (
   SELECT id FROM {S}.runs
-  WHERE status = 'runnable' AND dispatch_at <= now()
+  WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND dispatch_at <= now()
   ORDER BY priority DESC, dispatch_at
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
@@ -226,7 +260,7 @@ WITH due AS (
 )
 UPDATE {S}.runs AS r SET
   status = 'runnable', timed_out = true, await_names = NULL, await_deadline = NULL,
-  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
+  await_all = false, eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
   dispatched_at = now(), dispatch_count = 1, updated_at = now()
 FROM due WHERE r.id = due.id
 RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
@@ -234,51 +268,95 @@ RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
 
 NEXT_DUE = _q("""
 SELECT LEAST(
-  (SELECT min(dispatch_at) FROM {S}.runs WHERE status = 'runnable'),
+  (SELECT min(dispatch_at) FROM {S}.runs
+    WHERE status IN ('runnable', 'compensating') AND owner IS NULL),
   (SELECT min(await_deadline) FROM {S}.runs
     WHERE status = 'awaiting' AND await_deadline IS NOT NULL)
 ) - now()
 """)
 
+# A lost forward step goes back to runnable; after max_recoveries it fails, or starts
+# compensating when completed steps have compensations. A lost compensation runs again;
+# after max_recoveries its error is recorded and the next compensation (or the end) follows.
 REAP = _q("""
 WITH lost AS (
   SELECT r.id FROM {S}.runs AS r
-  WHERE r.status = 'executing'
+  WHERE r.status IN ('executing', 'compensating')
     -- The claim itself proves the owner was alive then: a worker re-registering after a
-    -- stall is not reaped for claims it made since.
+    -- stall is not reaped for claims it made since. (A compensating run waiting for a
+    -- claim has no started_at.)
     AND r.started_at < now() - make_interval(secs => :stale)
     AND NOT EXISTS (SELECT 1 FROM {S}.workers AS w
                     WHERE w.id = r.owner
                       AND w.heartbeat_at >= now() - make_interval(secs => :stale))
   LIMIT :limit
   FOR UPDATE OF r SKIP LOCKED
+), x AS (
+  SELECT r.id, r.recoveries + 1 >= :max_recoveries AS exhausted,
+         r.status = 'compensating' AS comp,
+         jsonb_array_length(r.compensations) AS pending,
+         jsonb_build_object('type', 'WorkerLost',
+                            'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
+                            'worker', r.owner) AS err
+  FROM {S}.runs AS r JOIN lost ON lost.id = r.id
+), y AS (
+  SELECT x.*, CASE
+      WHEN NOT x.exhausted THEN CASE WHEN x.comp THEN 'compensating' ELSE 'runnable' END
+      WHEN NOT x.comp THEN CASE WHEN x.pending > 0 THEN 'compensating' ELSE 'failed' END
+      WHEN x.pending > 1 THEN 'compensating'
+      ELSE 'compensation_failed'
+    END AS new_status,
+    x.exhausted AND x.comp AS comp_failed,
+    CASE WHEN x.exhausted AND x.comp
+         THEN r.compensation_errors || jsonb_build_array(x.err || jsonb_build_object(
+                  'compensation', r.step, 'attempts', r.attempt + 1))
+         ELSE r.compensation_errors END AS errs
+  FROM x JOIN {S}.runs AS r ON r.id = x.id
 )
 UPDATE {S}.runs AS r SET
-  status = CASE WHEN r.recoveries + 1 >= :max_recoveries THEN 'failed' ELSE 'runnable' END,
-  finished_at = CASE WHEN r.recoveries + 1 >= :max_recoveries THEN now() END,
-  attempt = r.attempt + 1, recoveries = r.recoveries + 1,
-  error = jsonb_build_object('type', 'WorkerLost',
-                             'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
-                             'worker', r.owner),
+  status = y.new_status,
+  finished_at = CASE WHEN y.new_status IN ('failed', 'compensation_failed') THEN now() END,
+  step = CASE
+      WHEN y.exhausted AND NOT y.comp AND y.pending > 0
+        THEN r.compensations -> -1 ->> 'compensation'
+      WHEN y.comp_failed AND y.pending > 1 THEN r.compensations -> -2 ->> 'compensation'
+      ELSE r.step END,
+  compensations = CASE WHEN y.comp_failed THEN r.compensations - (-1) ELSE r.compensations END,
+  compensation_errors = y.errs,
+  failure = CASE WHEN y.exhausted AND NOT y.comp THEN y.err ELSE r.failure END,
+  attempt = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
+                 ELSE r.attempt + 1 END,
+  recoveries = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
+                    ELSE r.recoveries + 1 END,
+  error = CASE WHEN y.new_status = 'compensation_failed' THEN jsonb_build_object(
+                   'type', 'CompensationFailed',
+                   'message', 'compensation failed after: '
+                              || COALESCE(r.failure ->> 'message', 'failure'),
+                   'failure', r.failure, 'compensation_errors', y.errs)
+               ELSE y.err END,
   owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
   eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
   dispatched_at = now(), dispatch_count = 1
-FROM lost WHERE r.id = lost.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status
+FROM y WHERE r.id = y.id
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status, r.parent_id,
+          r.spawn_seq
 """)
 
 DELETE_DEAD_WORKERS = _q("""
 DELETE FROM {S}.workers
 WHERE heartbeat_at < now() - make_interval(secs => :stale)
-  AND NOT EXISTS (SELECT 1 FROM {S}.runs AS r WHERE r.status = 'executing'
+  AND NOT EXISTS (SELECT 1 FROM {S}.runs AS r WHERE r.status IN ('executing', 'compensating')
                   AND r.owner = workers.id)
 """)
 
+# A finished child whose parent is still live is kept: the parent's next step reads it.
 GC = _q("""
 DELETE FROM {S}.runs WHERE id IN (
-  SELECT id FROM {S}.runs
-  WHERE finished_at < now() - make_interval(secs => :retention)
-  ORDER BY finished_at
+  SELECT r.id FROM {S}.runs AS r
+  WHERE r.finished_at < now() - make_interval(secs => :retention)
+    AND (r.parent_id IS NULL OR NOT EXISTS (
+           SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id AND p.finished_at IS NULL))
+  ORDER BY r.finished_at
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
 )
@@ -294,10 +372,12 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 HEARTBEAT = _q("UPDATE {S}.workers SET heartbeat_at = now() WHERE id = :id")
 
 RELEASE_OWNED = _q("""
-UPDATE {S}.runs SET status = 'runnable', owner = NULL, lease = NULL, started_at = NULL,
+UPDATE {S}.runs
+SET status = CASE WHEN status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
+    owner = NULL, lease = NULL, started_at = NULL,
     updated_at = now(), eligible_at = now(), dispatch_at = now(), dispatched_at = NULL,
     dispatch_count = 0
-WHERE status = 'executing' AND owner = :id
+WHERE status IN ('executing', 'compensating') AND owner = :id
 """)
 
 DELETE_WORKER = _q("DELETE FROM {S}.workers WHERE id = :id")
@@ -330,10 +410,17 @@ class Transition:
     outcome: str                  # history label
     next_step: str | None
     consume: bool = True          # the signals this step saw are consumed
+    await_all: bool = False       # Await(mode="all")
+    children: str | None = None   # Spawn: JSON array of child rows to insert
+    children_count: int = 0
+    comp_push: str | None = None  # JSON: a completed step's compensation, pushed
+    compensations: str | None = None        # JSON: the new compensation stack (replaces)
+    compensation_errors: str | None = None  # JSON: replaces
+    failure: str | None = None              # JSON: the failure that started compensating
 
     @property
     def terminal(self) -> bool:
-        return self.status in ("done", "failed", "cancelled")
+        return self.status in TERMINAL
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -343,6 +430,16 @@ class Committed:
     seq: int
     status: str
     dispatch: Dispatch | None
+    wakes: tuple[Dispatch, ...] = ()  # children started, parents woken, siblings released
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reaped:
+    """What a reaper pass did: runs to publish again, runs that ended, parents woken."""
+
+    publish: list[Dispatch]
+    failed: int
+    wakes: list[Dispatch]
 
 
 class Store:
@@ -446,6 +543,9 @@ class Store:
             "deadline": t.deadline, "terminal": t.terminal, "ran_step": claim.step,
             "ran_attempt": claim.attempt, "outcome": t.outcome, "next_step": t.next_step,
             "started_at": started_at, "worker": worker, "consume": t.consume,
+            "await_all": t.await_all, "children_pending": t.children_count,
+            "comp_push": t.comp_push, "compensations": t.compensations,
+            "compensation_errors": t.compensation_errors, "failure": t.failure,
         }
         with self.db.begin() as conn:
             row = conn.execute(COMMIT, params).mappings().first()
@@ -453,6 +553,13 @@ class Store:
                 return None
             dispatch = Dispatch.from_row(row) if t.publish else None
             status = row["status"]
+            wakes: list[Dispatch] = []
+            if t.children is not None:
+                wakes += self._insert_children(conn, row, t.children)
+            if t.terminal and row["parent_id"] is not None:
+                wakes += composition.children_finished(
+                    conn, [composition.Finished(row["parent_id"], row["spawn_seq"])],
+                    redispatch=self.redispatch_after)
             if t.status == "awaiting":
                 woke = conn.execute(WAKE_FROM_INBOX, {
                     "id": claim.workflow_id, "names": list(t.await_names or ()),
@@ -465,7 +572,21 @@ class Store:
                 timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
             if timer:  # wake the dispatchers so they re-plan their sleep
                 conn.execute(NOTIFY)
-        return Committed(seq=row["seq"], status=status, dispatch=dispatch)
+        return Committed(seq=row["seq"], status=status, dispatch=dispatch, wakes=tuple(wakes))
+
+    def _insert_children(self, conn: sa.Connection, parent: Any, children: str,
+                         ) -> list[Dispatch]:
+        """A Spawn's children, in the transaction that parks the parent."""
+        try:
+            return composition.insert_children(
+                conn, parent_id=parent["id"], spawn_seq=parent["seq"],
+                priority=parent["priority"], children=children,
+                redispatch=self.redispatch_after, app_version=parent["app_version"])
+        except sa.exc.IntegrityError as exc:  # a unique violation: a taken id or live key
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else ""
+            raise errors.DuplicateWorkflow(
+                f"a child's workflow_id or key is already used by another run ({detail})",
+                existing_id=None, key=None) from exc
 
     def landed(self, claim: Claim, worker: str) -> Committed | None:
         """After a commit whose result is unknown (the connection dropped): did it apply?
@@ -569,16 +690,20 @@ class Store:
             delta = conn.execute(NEXT_DUE).scalar()
         return None if delta is None else delta.total_seconds()
 
-    def reap(self, *, stale_after: float, max_recoveries: int, limit: int,
-             ) -> tuple[list[Dispatch], int]:
-        """Return runs of dead workers to runnable; returns (to publish, failed count)."""
+    def reap(self, *, stale_after: float, max_recoveries: int, limit: int) -> Reaped:
+        """Return runs of dead workers to runnable (or compensating); the ones that ran out
+        of recoveries end failed and count on their parents."""
         with self.db.begin() as conn:
             rows = conn.execute(REAP, {"stale": stale_after, "max_recoveries": max_recoveries,
                                        "limit": limit, "redispatch": self.redispatch_after,
                                        }).mappings().all()
+            wakes = composition.children_finished(conn, [
+                composition.Finished(r["parent_id"], r["spawn_seq"]) for r in rows
+                if r["status"] in TERMINAL and r["parent_id"] is not None],
+                redispatch=self.redispatch_after)
             conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
-        publish = [Dispatch.from_row(r) for r in rows if r["status"] == "runnable"]
-        return publish, len(rows) - len(publish)
+        publish = [Dispatch.from_row(r) for r in rows if r["status"] not in TERMINAL]
+        return Reaped(publish=publish, failed=len(rows) - len(publish), wakes=wakes)
 
     def collect_garbage(self, *, retention_seconds: float, limit: int) -> int:
         with self.db.begin() as conn:
@@ -612,7 +737,8 @@ class Store:
     def collapse_timers(self, *, expire_awaits: bool) -> int:
         """Make every timer due now (testing.drain)."""
         sql = "UPDATE {S}.runs SET eligible_at = now(), dispatch_at = now() " \
-              "WHERE status = 'runnable' AND eligible_at > now()"
+              "WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND NOT held " \
+              "AND eligible_at > now()"
         with self.db.begin() as conn:
             n = conn.execute(_q(sql)).rowcount
             if expire_awaits:
@@ -624,7 +750,8 @@ class Store:
     def runnable_now(self, limit: int) -> list[Dispatch]:
         with self.db.connect() as conn:
             rows = conn.execute(_q(
-                f"SELECT {DISPATCH_COLUMNS} FROM {{S}}.runs WHERE status = 'runnable' "
+                f"SELECT {DISPATCH_COLUMNS} FROM {{S}}.runs "
+                "WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND NOT held "
                 "AND eligible_at <= now() ORDER BY priority DESC, eligible_at LIMIT :limit"),
                 {"limit": limit}).mappings().all()
         return [Dispatch.from_row(r) for r in rows]

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from durable_celery import Await, Done, Durable, Sleep
+from durable_celery import Await, Done, Durable, Fail, Sleep, Spawn, foreach
 
 SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
                               "sweep_interval": 0.2, "redispatch_after": 3.0}
@@ -189,6 +189,78 @@ def build(broker_url: str, database_url: str, queue: str, *,
     def settle(ctx: Any) -> Any:
         effects.record(ctx, "settle")
         return {"ok": True, "x": ctx.state.get("x")}
+
+    # -- fan-out / fan-in: children that finish at the same wall-clock moment
+    fanout_child = durable.workflow("fanout_child")
+
+    @fanout_child.step
+    def converge(ctx: Any) -> Any:
+        time.sleep(max(float(ctx.state["go_at"]) - time.time(), 0))
+        return Done({"n": ctx.state["n"], "pid": os.getpid()})
+
+    fanout = durable.workflow("fanout")
+
+    @fanout.step
+    def spread(ctx: Any) -> Any:
+        go_at = time.time() + float(ctx.state.get("lead", 3))
+        return Spawn([fanout_child.child({"n": n, "go_at": go_at})
+                      for n in range(int(ctx.state["children"]))], next="gather")
+
+    @fanout.step
+    def gather(ctx: Any) -> Any:
+        effects.record(ctx, "gather")
+        return Done({"statuses": [c.status for c in ctx.children],
+                     "ns": [c.result["n"] for c in ctx.children],
+                     "pids": sorted({c.result["pid"] for c in ctx.children})})
+
+    # -- foreach with a concurrency cap
+    bulk_item = durable.workflow("bulk_item")
+
+    @bulk_item.step
+    def handle(ctx: Any) -> Any:
+        time.sleep(float(ctx.state.get("pause", 0)))
+        return Done(ctx.state["item"])
+
+    bulk = durable.workflow("bulk")
+
+    @bulk.step
+    def fan(ctx: Any) -> Any:
+        return foreach([{"item": i, "pause": ctx.state.get("pause", 0)}
+                        for i in range(int(ctx.state["count"]))], bulk_item,
+                       concurrency=int(ctx.state["cap"]), next="tally")
+
+    @bulk.step
+    def tally(ctx: Any) -> Any:
+        return Done({"done": sum(c.status == "done" for c in ctx.children),
+                     "items": [c.result for c in ctx.children]})
+
+    # -- a saga whose middle compensation blocks long enough to be SIGKILLed
+    saga = durable.workflow("saga")
+
+    def undo(name: str, block: bool) -> None:
+        def compensation(ctx: Any) -> Any:
+            effects.record(ctx, f"{name}:start")
+            if block:
+                _block(ctx)
+            effects.record(ctx, f"{name}:done")
+            return None
+
+        compensation.__name__ = name
+        saga.compensation(compensation)
+
+    for letter in "abc":
+        def book(ctx: Any, letter: str = letter) -> Any:
+            effects.record(ctx, f"book_{letter}")
+            return None
+
+        book.__name__ = f"book_{letter}"
+        saga.step(compensate=f"undo_{letter}")(book)
+        undo(f"undo_{letter}", block=letter == "b")
+
+    @saga.step
+    def pay(ctx: Any) -> Any:
+        effects.record(ctx, "pay")
+        return Fail("payment failed")
 
     return E2EApp(app=app, durable=durable, effects=effects)
 

@@ -11,6 +11,7 @@ class FakeDurable:
     def __init__(self, default_queue: str = "default") -> None:
         self.default_queue = default_queue
         self.registered: list[tuple[str, str]] = []
+        self._workflows: dict[tuple[str, int], Any] = {}  # filled by tests that spawn
 
     def _register_step(self, wf: Any, step: Any) -> None:
         self.registered.append((wf.name, step.name))
