@@ -158,7 +158,7 @@ def test_bootstrap_on_an_older_schema(empty_database):
     engine = sql_engine(empty_database)
     try:
         execute_sql(engine, "DROP TABLE {S}.control_requests")
-        execute_sql(engine, "DELETE FROM {S}.schema_version WHERE version = 2")
+        execute_sql(engine, "DELETE FROM {S}.schema_version WHERE version >= 2")
     finally:
         engine.dispose()
     report = empty_database.bootstrap()
