@@ -37,7 +37,7 @@ from durable_celery import (
 from durable_celery.errors import DurableCeleryError
 from durable_celery.runtime import executor
 from durable_celery.testing import WorkerProcess, drain
-from tests.integration.support import rows, run_row, scalar
+from tests.integration.support import redis_lists, rows, run_row, scalar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = settings(max_examples=60, deadline=None, database=None,
@@ -428,7 +428,7 @@ def test_a_worker_never_unpickles_and_survives_malformed_messages(
     finally:
         worker.stop()
         built.close()
-        client.delete(queue)
+        client.delete(*redis_lists(client, queue))
         client.close()
 
 

@@ -31,6 +31,7 @@ from tests.integration.support import (
     execute_sql,
     lock_waiters,
     q,
+    redis_lists,
     rows,
     run_row,
     scalar,
@@ -570,7 +571,7 @@ def test_a_late_commit_waiting_on_the_reaper_is_dropped(make_durable, db_engine,
 def broker_messages(client, queue):
     """``[(task name, args)]`` of every message waiting in the Redis queue."""
     found = []
-    for raw in client.lrange(queue, 0, -1):
+    for raw in (m for name in redis_lists(client, queue) for m in client.lrange(name, 0, -1)):
         envelope = json.loads(raw)
         args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         found.append((envelope["headers"]["task"], args))
@@ -625,7 +626,7 @@ def test_two_coordinators_sweeping_at_once_dispatch_reclaim_and_collect_each_row
     age_claims(db_engine, DEAD)
 
     client = redis.Redis.from_url(redis_url)
-    client.delete(queue)
+    client.delete(*redis_lists(client, queue))
     try:
         coordinators = [one.coordinator(), two.coordinator()]
         barrier = threading.Barrier(2)
@@ -638,9 +639,9 @@ def test_two_coordinators_sweeping_at_once_dispatch_reclaim_and_collect_each_row
         messages = broker_messages(client, queue)
         again = [t.value(30) for t in start_threads([lambda c=c: sweep(c)
                                                       for c in coordinators])]
-        assert client.llen(queue) == len(messages)
+        assert sum(client.llen(n) for n in redis_lists(client, queue)) == len(messages)
     finally:
-        client.delete(queue)
+        client.delete(*redis_lists(client, queue))
         client.close()
 
     assert sum(done) == 60 + 30 + 30 + 30
