@@ -17,7 +17,7 @@ from celery import Celery
 from durable_celery import errors, payloads
 from durable_celery import settings as settings_mod
 from durable_celery import signals as signals_mod
-from durable_celery.definitions import Workflow, check_name, check_seconds
+from durable_celery.definitions import Workflow, check_name, check_run_ahead, check_seconds
 from durable_celery.runtime import executor
 from durable_celery.runtime.worker import WorkerIdentity
 from durable_celery.storage import migrate as migrate_mod
@@ -30,6 +30,7 @@ from durable_celery.storage.store import Store
 log = logging.getLogger("durable_celery")
 
 MAX_ID = 200
+MAX_VERSION = 2**31 - 1
 _inline = threading.local()  # testing.drain runs steps without publishing
 
 
@@ -106,8 +107,9 @@ class Durable:
                  run_ahead: bool | None = None) -> Workflow:
         """Declare a workflow; add steps with ``@wf.step``."""
         check_name(name, "workflow name")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise errors.InvalidArgument(f"version must be an int >= 1, got {version!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+            raise errors.InvalidArgument(f"version must be an int in 1..{MAX_VERSION}, got {version!r}")
+        check_run_ahead(run_ahead)
         if queue is not None:
             check_name(queue, "queue")
         if (name, version) in self._workflows:

@@ -40,7 +40,8 @@ def check_seconds(value: Any, what: str, error: type[errors.DurableCeleryError] 
                   ) -> float:
     """A finite number of seconds in ``[0, MAX_SECONDS]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+            or (isinstance(value, float) and not math.isfinite(value)) \
+            or not 0 <= value <= MAX_SECONDS:
         raise error(f"{what} must be a finite number of seconds >= 0 (at most {MAX_SECONDS:.0f}), "
                     f"got {value!r}")
     return float(value)
@@ -263,7 +264,8 @@ class RetryPolicy:
         unknown = set(options) - allowed
         if unknown:
             raise errors.InvalidArgument(
-                f"unknown retry option(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+                f"unknown retry option(s) [{', '.join(sorted(map(repr, unknown)))}]; "
+                f"allowed: {sorted(allowed)}"
             )
         policy = cls(**options)
         policy.validate()
@@ -300,6 +302,11 @@ class RetryPolicy:
 # ----------------------------------------------------------------------------- definitions
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")
+
+
+def check_run_ahead(value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise errors.InvalidArgument(f"run_ahead must be True, False or None, got {value!r}"[:300])
 
 
 def check_name(value: Any, what: str) -> str:
@@ -371,6 +378,7 @@ class Workflow:
                 raise errors.InvalidArgument(
                     f"compensate={undo!r} names a step of workflow {self.name!r}; it must name "
                     "a compensation declared with @wf.compensation")
+        check_run_ahead(run_ahead)
 
         def register(func: StepFunction) -> StepFunction:
             if not callable(func):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,9 @@ from datetime import timedelta
 from typing import Any
 
 from durable_celery import errors
+
+MAX_DURATION = 100 * 366 * 24 * 3600.0  # seconds: beyond this, Postgres intervals overflow
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,8 +39,11 @@ class Settings:
         positive = ("heartbeat_interval", "stale_after", "sweep_interval", "redispatch_after",
                     "redispatch_max_backoff")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise errors.ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, float) and math.isfinite(value)
+                    and 0 < value <= MAX_DURATION):
+                raise errors.ConfigurationError(
+                    f"{name} must be > 0 and at most {MAX_DURATION:.0f} seconds, got {value!r}")
         if self.stale_after < 2 * self.heartbeat_interval:
             raise errors.ConfigurationError(
                 f"stale_after ({self.stale_after}) must be at least twice heartbeat_interval "
@@ -44,10 +51,12 @@ class Settings:
             )
         for name in ("gc_batch_size", "sweep_batch_size", "max_recoveries", "max_payload_bytes",
                      "run_ahead_limit", "pool_size"):
-            if not getattr(self, name) >= 1:
-                raise errors.ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.retention.total_seconds() <= 0:
-            raise errors.ConfigurationError("retention must be positive")
+            if not 1 <= getattr(self, name) <= MAX_COUNT:
+                raise errors.ConfigurationError(
+                    f"{name} must be >= 1, got {getattr(self, name)!r} (and at most {MAX_COUNT})")
+        if not 0 < self.retention.total_seconds() <= MAX_DURATION:
+            raise errors.ConfigurationError(
+                f"retention must be positive and at most {MAX_DURATION:.0f} seconds")
 
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True,
@@ -66,8 +75,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return _BOOL[str(value).strip().lower()]
         if kind in ("timedelta", timedelta):
             return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise errors.ConfigurationError(f"setting {name} has a bad value {value!r}") from exc
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise errors.ConfigurationError(f"setting {name} has a bad value {value!r}"[:300]) from exc
     return value if value is None else str(value)
 
 

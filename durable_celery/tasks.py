@@ -323,12 +323,11 @@ class TaskHandle:
 
     wait = get
 
-    def revoke(self, **_celery: Any) -> Any:
-        """Cancel the run (``durable.cancel_workflow``)."""
-        cancel = getattr(self.durable, "cancel_workflow", None)
-        if cancel is None:  # pragma: no cover - controls are part of the API
-            raise errors.ConfigurationError("this version cannot cancel runs")
-        return cancel(self.id, request_key=f"revoke:{self.id}:{time.time_ns()}")
+    def revoke(self, request_key: str | None = None, **_celery: Any) -> dict[str, Any]:
+        """Cancel the run durably (``durable.cancel_workflow``); ``request_key`` makes a
+        retried revoke idempotent (default: a fresh key)."""
+        key = request_key or f"revoke:{self.id}:{time.time_ns()}"
+        return self.durable.cancel_workflow(self.id, key)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TaskHandle):

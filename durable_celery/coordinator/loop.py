@@ -74,11 +74,11 @@ class Coordinator:
             if now >= self._next_gc:
                 self._next_gc = now + GC_INTERVAL
                 self.collector.run_once()
-            done = self.cron.run_once()
+            done, cron_due = self._cron_pass()
             done += self.dispatcher.run_once()
             due = self.dispatcher.seconds_to_next()
             wait = min(interval, self._next_reap - time.monotonic())
-            for nearest in (due, self.cron.seconds_to_next()):
+            for nearest in (due, cron_due):
                 if nearest is not None:
                     wait = min(wait, nearest)
             if wait <= 0 and not done:
@@ -87,3 +87,11 @@ class Coordinator:
         except Exception:
             log.warning("coordinator sweep failed; retrying", exc_info=True)
             return interval
+
+    def _cron_pass(self) -> tuple[int, float | None]:
+        """The cron sweep, isolated: a failure there never holds up dispatching."""
+        try:
+            return self.cron.run_once(), self.cron.seconds_to_next()
+        except Exception:
+            log.warning("cron sweep failed; retrying", exc_info=True)
+            return 0, None

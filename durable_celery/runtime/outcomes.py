@@ -101,11 +101,21 @@ def decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         t = _decide(v, returned, state_after)
     except errors.DurableCeleryError as exc:
         return invalid(v, exc.message)
+    except Exception as exc:  # an outcome holding objects that fail to iterate or print
+        return invalid(v, f"the step returned an unusable outcome ({type(exc).__name__}: "
+                          f"{_safe_str(exc)})")
     if v.step.compensate is not None and t.outcome in ("next", "sleep", "await", "spawn"):
         # The step completed: its compensation joins the stack (the commit adds its seq).
         t = replace(t, comp_push=json.dumps({"step": v.step.name,
                                              "compensation": v.step.compensate}))
     return t
+
+
+def _safe_str(value: Any) -> str:
+    try:
+        return payloads.printable(str(value), 300)
+    except Exception:
+        return "<unprintable>"
 
 
 def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
@@ -199,12 +209,20 @@ def signal_names(names: Any) -> list[str]:
 
 def check_signal_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME \
-            or "\x00" in name:
+            or "\x00" in name or not _encodable(name):
         raise errors.InvalidArgument(
             f"a signal name must be a non-blank string of at most {MAX_SIGNAL_NAME} characters "
-            f"without NUL; got {name!r}"
+            f"without NUL or lone surrogates; got {name!r}"[:400]
         )
     return name
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seconds(value: Any, what: str) -> float:

@@ -53,8 +53,7 @@ class Bound:
         if self.conn.closed:
             raise errors.InvalidArgument("connection= is closed")
         theirs, ours = self.conn.engine.url, sa.engine.make_url(our_url)
-        if (theirs.host, theirs.port or 5432, theirs.database) != \
-                (ours.host, ours.port or 5432, ours.database):
+        if _where(theirs) != _where(ours):
             raise errors.InvalidArgument(
                 "connection= must be a connection to durable_celery's own database "
                 f"({ours.host}:{ours.port or 5432}/{ours.database}), not "
@@ -116,3 +115,12 @@ class Bound:
 
         event.listen(self.conn, "commit", on_conn_commit, once=True)
         event.listen(self.conn, "rollback", on_conn_rollback, once=True)
+
+
+_LOOPBACK = {None, "", "localhost", "127.0.0.1", "::1"}
+
+
+def _where(url: sa.engine.URL) -> tuple[str | None, int, str | None]:
+    """(host, port, database), loopback spellings made equal."""
+    host = "localhost" if url.host in _LOOPBACK else url.host
+    return host, url.port or 5432, url.database

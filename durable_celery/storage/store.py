@@ -78,11 +78,18 @@ SET status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'execu
     owner = :owner, lease = :lease, started_at = now(), updated_at = now()
 WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
   AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
-  -- A concurrency key held by an executing run: stay runnable; the holder's commit hands
-  -- the key on (HANDOFF). Two claims racing past this check meet the unique index.
+  -- A concurrency key held by an executing run, or a due run ahead of this one in the key's
+  -- queue (priority, then age: first come, first served): stay runnable; the holder's
+  -- commit hands the key to the head (HANDOFF). Racing claims meet the unique index.
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {S}.runs AS e
-        WHERE e.concurrency_key = r.concurrency_key AND e.status = 'executing'))
+        WHERE e.concurrency_key = r.concurrency_key AND e.id <> r.id
+          AND (e.status = 'executing'
+               OR (e.status = 'runnable' AND e.eligible_at <= now() AND NOT e.held
+                   AND (e.priority > r.priority
+                        OR (e.priority = r.priority
+                            AND (e.eligible_at, e.created_at, e.id)
+                                < (r.eligible_at, r.created_at, r.id)))))))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
           r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.status,
           r.compensations, r.compensation_errors, r.failure, r.single_step,
@@ -191,7 +198,7 @@ HANDOFF = _q("""
 UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
 WHERE id = (SELECT id FROM {S}.runs
             WHERE concurrency_key = :key AND status = 'runnable' AND eligible_at <= now()
-            ORDER BY priority DESC, eligible_at, created_at
+            ORDER BY priority DESC, eligible_at, created_at, id
             LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id
 """)
@@ -208,7 +215,7 @@ WHERE id IN (
                     AND (e.status = 'executing'
                          OR (e.status = 'runnable' AND (e.dispatch_at <= now()
                              OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
-  ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at
+  ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at, w.id
   LIMIT :limit
 )
 """)

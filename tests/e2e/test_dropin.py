@@ -327,14 +327,15 @@ def test_4_two_coordinators_fire_each_cron_occurrence_once(on_shared: Dropin) ->
     t = on_shared.tasks
     on_shared.worker("w1")
     on_shared.worker("w2")
-    t.tick.schedule("every-second", "* * * * * *", args=["s"])
+    # catchup="all": even a coordinator stalled by a loaded machine leaves no second out.
+    t.tick.schedule("every-second", "* * * * * *", args=["s"], catchup="all")
     time.sleep(10)
     t.durable.pause_schedule("every-second")
     paused_at = time.time()
     time.sleep(1.0)  # a sweep already past its lock may still be committing
     fired = {wid for wid, in on_shared.db.rows(
         "SELECT id FROM durable_celery.runs WHERE id LIKE 'cron:every-second:%%'")}
-    assert len(fired) >= 7, fired  # about one per second (loaded machines lag a little)
+    assert len(fired) >= 8, fired  # one per second
     stamps = sorted(time.mktime(time.strptime(w.split(":", 2)[2], "%Y-%m-%dT%H:%M:%SZ"))
                     for w in fired)
     assert stamps == [stamps[0] + i for i in range(len(stamps))]  # no gap, no duplicate

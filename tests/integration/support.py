@@ -138,3 +138,9 @@ def lock_waiters(engine: sa.Engine) -> int:
         SELECT count(*) FROM pg_stat_activity
         WHERE datname = current_database() AND wait_event_type = 'Lock'
           AND pid <> pg_backend_pid()"""))
+
+
+def redis_lists(client: Any, queue: str) -> list[Any]:
+    """The Redis lists of ``queue``: kombu keeps one per priority step (durable messages
+    always carry a priority; the default one lands in ``<queue>\x06\x169``)."""
+    return [queue, *client.scan_iter(match=f"{queue}\x06\x16*")]

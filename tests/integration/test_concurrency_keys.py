@@ -196,3 +196,25 @@ def test_the_net_ignores_keys_that_are_held_or_already_due(durable, published, b
     # a's commit handed the key to b already (due now): nothing for the net to do.
     assert run_row(db_engine, b)["dispatch_at"] <= run_row(db_engine, b)["updated_at"]
     assert durable.store.wake_free_keys(100, quiet=0.0) == 0
+
+
+def test_waiters_take_the_key_in_order_no_newcomer_jumps_the_queue(durable, published,
+                                                                  db_engine):
+    wf = durable.workflow("fifo")
+
+    @wf.step
+    def only(ctx):
+        return Done(ctx.workflow_id)
+
+    a, b, c = (wf.start(concurrency_key="q") for _ in range(3))
+    urgent = wf.start(concurrency_key="q", priority=9)
+    assert executor.execute(durable, a, 0) == "stale"  # urgent is ahead of everyone
+    assert executor.execute(durable, urgent, 0) == "committed"
+    # c's message arrives first, but a and b have waited longer.
+    assert executor.execute(durable, c, 0) == "stale"
+    assert executor.execute(durable, b, 0) == "stale"
+    assert executor.execute(durable, a, 0) == "committed"
+    assert executor.execute(durable, c, 0) == "stale"
+    assert executor.execute(durable, b, 0) == "committed"
+    assert executor.execute(durable, c, 0) == "committed"
+    assert {durable.get_workflow(w).status for w in (a, b, c, urgent)} == {"done"}

@@ -210,3 +210,18 @@ def test_the_cli_lists_pauses_resumes_and_deletes(durable, published, report, da
     assert missing.exit_code == 2 and "ScheduleNotFound" in missing.output
     unknown = cli("schedule", "add", "n2", "no_such_workflow", "--cron", "0 * * * *")
     assert unknown.exit_code == 2 and "UnknownWorkflow" in unknown.output
+
+
+def test_a_failing_cron_sweep_never_holds_up_dispatching(durable, published, report,
+                                                          monkeypatch):
+    wid = report.start()
+    published.clear()
+    execute_sql(durable._holder.engine, "UPDATE {S}.runs SET dispatch_at = now()")
+    coordinator = durable.coordinator()
+
+    def broken(now=None):
+        raise RuntimeError("cron is broken")
+
+    monkeypatch.setattr(coordinator.cron, "run_once", broken)
+    coordinator._pass()
+    assert [m.args for m in published.sent] == [[wid, 0]]

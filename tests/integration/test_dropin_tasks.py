@@ -13,6 +13,7 @@ from durable_celery import (
     InvalidPayload,
     TaskHandle,
     WaitTimeout,
+    WorkflowCancelled,
     WorkflowFailed,
 )
 from durable_celery.testing import drain
@@ -259,3 +260,17 @@ def test_handle_compares_like_an_async_result(durable, published):
     handle = noop.delay()
     assert handle == handle.id and str(handle) == handle.id and handle.task_id == handle.id
     assert handle == TaskHandle(durable, handle.id) and len({handle, TaskHandle(durable, handle.id)}) == 1
+
+
+def test_revoke_cancels_the_run_durably(durable, published):
+    @durable.task(name="revocable.task")
+    def revocable():
+        return "ran"
+
+    handle = revocable.apply_async(countdown=3600)
+    assert handle.revoke(request_key="rk-1")["changed"] is True
+    assert handle.revoke(request_key="rk-1")["idempotency_replayed"] is True
+    assert handle.status == "REVOKED" and handle.ready()
+    drain(durable)
+    with pytest.raises(WorkflowCancelled):
+        handle.get(timeout=5)

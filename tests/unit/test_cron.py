@@ -97,6 +97,15 @@ def test_latest_until_includes_now() -> None:
         utc(2026, 1, 1, 10, 0)
 
 
+def test_latest_until_agrees_with_next_after_across_dst() -> None:
+    assert cron.latest_until("0 9 * * *", BERLIN, utc(2026, 6, 1, 8)) == utc(2026, 6, 1, 7)
+    # The gap day's 02:30 New York fired at 03:00 EDT; the overlap day's 01:30 on the first pass.
+    assert cron.latest_until("30 2 * * *", NY, utc(2026, 3, 8, 12)) == utc(2026, 3, 8, 7)
+    assert cron.latest_until("30 1 * * *", NY, utc(2026, 11, 1, 12)) == utc(2026, 11, 1, 5, 30)
+    p = cron.plan("30 2 * * *", NY, utc(2026, 3, 7, 7, 30), utc(2026, 3, 8, 12), "latest")
+    assert list(p.fire) == [utc(2026, 3, 8, 7)] and p.next_fire_at == utc(2026, 3, 9, 6, 30)
+
+
 # ----------------------------------------------------------------------------- catch-up
 
 
