@@ -1,0 +1,206 @@
+"""The Celery app the chaos ``celery worker`` subprocesses load (``-A tests.chaos.workerapp``).
+
+One workflow, ``chaos``, mixes every kind of step::
+
+    a (effect) -> b (raises on attempt 0 for "flaky" runs: durable retry) -> c (holds the
+    worker a little for some runs, then Sleep ~1 s) -> d (Await "go", no timeout)
+    -> e (reads the signal payload, Done with a result computed from input and payload)
+
+Every execution of a step inserts one row into ``chaos.effects`` (workflow_id, step,
+attempt, idempotency key, pid, process group) with its own plain psycopg connection, and
+commits it before the step returns; the accounting matches those rows to the committed
+history. The insert retries while the database is away (a restart scenario): the effect
+is the step's own business, and an external write that gives up at the first connection
+error would fail the run for reasons that have nothing to do with durable_celery. Each
+execution carries a fresh token, so a retried insert never counts twice.
+
+``CHAOS_FAULTS=dup-drop`` makes this process publish every durable message twice and drop
+about one in ten (the message is reported as sent but never reaches the broker), and logs
+each fault on the ``chaos.faults`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from celery import Celery
+
+from durable_celery import Await, Done, Durable, Fail, Sleep
+
+SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
+                              "sweep_interval": 0.2, "redispatch_after": 2.0}
+WORKFLOW = "chaos"
+STEPS = ("a", "b", "c", "d", "e")
+SIGNAL = "go"
+DROP_RATE = 0.1
+EFFECT_RETRY_SECONDS = 90.0
+
+EFFECTS_DDL = """
+CREATE SCHEMA IF NOT EXISTS chaos;
+CREATE TABLE IF NOT EXISTS chaos.effects (
+    token           text        PRIMARY KEY,
+    workflow_id     text        NOT NULL,
+    step            text        NOT NULL,
+    attempt         int         NOT NULL,
+    idempotency_key text        NOT NULL,
+    pid             int         NOT NULL,
+    pgid            int         NOT NULL,
+    at              timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+"""
+
+faults_log = logging.getLogger("chaos.faults")
+
+
+def psycopg_url(database_url: str) -> str:
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def expected_result(state: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """What step ``e`` returns: a function of the run's input and the signal's payload."""
+    return {"i": state["i"], "total": state["x"] * 1000 + payload["v"]}
+
+
+class Effects:
+    """One autocommit connection per process and thread; reconnects after errors."""
+
+    def __init__(self, database_url: str) -> None:
+        self.dsn = psycopg_url(database_url)
+        self._local = threading.local()
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or getattr(self._local, "pid", None) != os.getpid():
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def record(self, ctx: Any, step: str) -> None:
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + EFFECT_RETRY_SECONDS
+        while True:
+            try:
+                self._conn().execute(
+                    "INSERT INTO chaos.effects (token, workflow_id, step, attempt, "
+                    "idempotency_key, pid, pgid) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (token) DO NOTHING",
+                    (token, ctx.workflow_id, step, ctx.attempt, ctx.idempotency_key,
+                     os.getpid(), os.getpgid(0)))
+                return
+            except psycopg.OperationalError:
+                conn = getattr(self._local, "conn", None)
+                if conn is not None:
+                    conn.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def install_message_faults(durable: Durable, rng: random.Random | None = None) -> dict[str, int]:
+    """Publish every durable message twice; silently drop about ``DROP_RATE`` of them.
+
+    Wraps this Durable's publish path (``_publish_many``, used by starts, commits, signals
+    and every sweep). Returns the live tally of faults injected in this process.
+    """
+    rng = rng or random.Random()
+    original = durable._publish_many
+    tally = {"published": 0, "duplicated": 0, "dropped": 0}
+    lock = threading.Lock()
+
+    def publish_many(dispatches: list[Any]) -> int:
+        sent: list[Any] = []
+        with lock:
+            for dispatch in dispatches:
+                tally["published"] += 1
+                if rng.random() < DROP_RATE:
+                    tally["dropped"] += 1
+                    faults_log.warning("chaos fault: dropped %s seq %s", dispatch.workflow_id,
+                                       dispatch.seq)
+                    continue
+                tally["duplicated"] += 1
+                faults_log.warning("chaos fault: duplicated %s seq %s", dispatch.workflow_id,
+                                   dispatch.seq)
+                sent += [dispatch, dispatch]
+        done = original(sent)
+        return len(dispatches) if done == len(sent) else 0
+
+    durable._publish_many = publish_many  # type: ignore[method-assign]
+    return tally
+
+
+@dataclass
+class ChaosApp:
+    app: Celery
+    durable: Durable
+    effects: Effects
+    faults: dict[str, int] | None = None
+
+    def close(self) -> None:
+        self.durable.close()
+        self.app.close()
+
+
+def build(broker_url: str, database_url: str, queue: str, *, faults: str = "",
+          set_as_current: bool = True) -> ChaosApp:
+    app = Celery("chaos", broker=broker_url, set_as_current=set_as_current)
+    app.conf.task_default_queue = queue
+    app.conf.broker_connection_retry_on_startup = True
+    app.conf.broker_connection_max_retries = None  # a Redis restart must never stop a worker
+    durable = Durable(app, database_url=database_url, **SETTINGS)
+    effects = Effects(database_url)
+    wf = durable.workflow(WORKFLOW)
+
+    @wf.step
+    def a(ctx: Any) -> Any:
+        effects.record(ctx, "a")
+        return None
+
+    @wf.step(retry={"max_attempts": 3, "delay": 0.3, "backoff": "constant", "jitter": False})
+    def b(ctx: Any) -> Any:
+        effects.record(ctx, "b")
+        if ctx.state.get("flaky") and ctx.attempt == 0:
+            raise RuntimeError("flaky step b fails its first attempt")
+        return None
+
+    @wf.step
+    def c(ctx: Any) -> Any:
+        effects.record(ctx, "c")
+        hold = float(ctx.state.get("hold", 0))
+        if hold:
+            time.sleep(hold)  # a step that takes a while: kills and pauses catch it mid-way
+        return Sleep(seconds=float(ctx.state.get("sleep", 1.0)))
+
+    @wf.step
+    def d(ctx: Any) -> Any:
+        effects.record(ctx, "d")
+        return Await(SIGNAL, timeout=None)
+
+    @wf.step
+    def e(ctx: Any) -> Any:
+        effects.record(ctx, "e")
+        go = ctx.signal(SIGNAL)
+        if go is None:
+            return Fail("step e ran without its signal")
+        return Done(expected_result(ctx.state, go.payload))
+
+    chaos = ChaosApp(app=app, durable=durable, effects=effects)
+    if faults == "dup-drop":
+        chaos.faults = install_message_faults(durable)
+    elif faults:
+        raise ValueError(f"unknown CHAOS_FAULTS {faults!r}")
+    return chaos
+
+
+if os.environ.get("CHAOS_BROKER_URL"):
+    _built = build(os.environ["CHAOS_BROKER_URL"], os.environ["CHAOS_DATABASE_URL"],
+                   os.environ["CHAOS_QUEUE"], faults=os.environ.get("CHAOS_FAULTS", ""))
+    app = _built.app
+    durable = _built.durable
