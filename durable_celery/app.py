@@ -85,7 +85,8 @@ class Durable:
                 "this Celery app accepts pickle messages (accept_content); durable_celery "
                 "only works with apps that never unpickle: set accept_content=['json']"
             )
-        self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size)
+        self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size,
+                                    idle_in_transaction_timeout=self.settings.stale_after)
         self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
                            redispatch_max_backoff=self.settings.redispatch_max_backoff)
         self.schedules = ScheduleStore(self._holder, self.store)
@@ -289,6 +290,46 @@ class Durable:
             bound.after_commit(lambda: self._publish(replace(dispatch, workflow_id=run_id)),
                                visible=lambda: self.store.exists(run_id))
         return run_id
+
+    def _start_many(self, wf: Workflow, states: Any, *, keys: Any, workflow_ids: Any,
+                    delay: float | None, at: datetime | None, queue: str | None,
+                    on_conflict: str) -> list[str]:
+        if self._workflows.get((wf.name, wf.version)) is not wf:
+            raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
+        first = wf.first
+        if on_conflict not in ("raise", "existing"):
+            raise errors.InvalidArgument(
+                f"on_conflict must be 'raise' or 'existing', got {on_conflict!r}"[:300])
+        items = _batch(states, "states")
+        if len(items) > MAX_BATCH:
+            raise errors.InvalidArgument(f"at most {MAX_BATCH} runs per start_many call, "
+                                         f"got {len(items)}")
+        texts = [payloads.check_object({} if st is None else st, what=f"state #{i}",
+                                       max_bytes=self.settings.max_payload_bytes)
+                 for i, st in enumerate(items)]
+        key_list = _batch_identifiers(keys, "keys", len(items))
+        id_list = _batch_identifiers(workflow_ids, "workflow_ids", len(items))
+        if queue is not None:
+            check_name(queue, "queue")
+        if delay is not None and at is not None:
+            raise errors.InvalidArgument("pass delay= or at=, not both")
+        if delay is not None:
+            check_seconds(delay, "delay")
+        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
+            raise errors.InvalidArgument("at must be a timezone-aware datetime")
+        if not items:
+            return []
+        self._ensure_ready()
+        target_queue = wf.queue_for(first, queue)
+        run_ids, new, publish = self.store.start_many(
+            workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
+            run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
+            delay=float(delay or 0.0), at=at, existing=on_conflict == "existing")
+        if publish:
+            self._publish_many([Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name,
+                                         seq=0, queue=target_queue, priority=0)
+                                for run_id in new])
+        return run_ids
 
     def _publish(self, dispatch: Dispatch) -> bool:
         """Send the hint "run this step at this seq"; on failure the sweep re-sends it."""
@@ -507,6 +548,33 @@ def check_priority(priority: Any) -> int:
         raise errors.InvalidArgument(f"priority must be an int in 0..9 (9 runs first), "
                                      f"got {priority!r}"[:300])
     return priority
+MAX_BATCH = 100_000
+
+
+def _batch(values: Any, what: str) -> list[Any]:
+    """A list from an iterable argument; a string, bytes or mapping is refused."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise errors.InvalidArgument(f"{what} must be a list (or another iterable) of items, "
+                                     f"got {type(values).__name__}")
+    return list(values)
+
+
+def _batch_identifiers(values: Any, what: str, count: int) -> list[str | None]:
+    """One identifier (or None) per run, unique within the batch."""
+    if values is None:
+        return [None] * count
+    found = _batch(values, what)
+    if len(found) != count:
+        raise errors.InvalidArgument(f"{what} has {len(found)} items for {count} states")
+    seen: set[str] = set()
+    for value in found:
+        if value is None:
+            continue
+        check_identifier(value, what[:-1])
+        if value in seen:
+            raise errors.InvalidArgument(f"{what[:-1]} {value!r} appears twice in the batch"[:300])
+        seen.add(value)
+    return found
 
 
 def _describe(error: Any) -> str:

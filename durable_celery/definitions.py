@@ -51,10 +51,16 @@ def check_seconds(value: Any, what: str, error: type[errors.DurableCeleryError] 
 
 @dataclass(frozen=True, slots=True)
 class Next:
-    """Go to ``step`` (a name or a step function) now, with ``attempt`` reset to 0."""
+    """Go to ``step`` (a name or a step function) now, with ``attempt`` reset to 0.
+
+    ``run_ahead`` (when not None) overrides the step's and the workflow's choice for this
+    transition: ``False`` always publishes a message for ``step``; ``True`` continues in the
+    same task when ``step`` is on the same queue (and the ``run_ahead`` setting is on).
+    """
 
     step: str | Callable[..., Any]
     state: Any = KEEP
+    run_ahead: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +530,23 @@ class Workflow:
         """Start this workflow on a cron schedule (see ``Durable.schedule``)."""
         return self.durable.schedule(name, self, cron=cron, timezone=timezone, state=state,
                                      catchup=catchup, priority=priority)
+
+    def start_many(self, states: Iterable[Any], *, keys: Iterable[str | None] | None = None,
+                   workflow_ids: Iterable[str | None] | None = None, delay: float | None = None,
+                   at: datetime | None = None, queue: str | None = None,
+                   on_conflict: Literal["raise", "existing"] = "raise") -> list[str]:
+        """Start one run per item of ``states`` in one transaction; returns their
+        workflow_ids in order.
+
+        ``keys`` and ``workflow_ids`` (optional, one per state, ``None`` for none) work as
+        in :meth:`start`; a key or id may appear only once in a batch. When a key or id is
+        already taken, ``on_conflict="raise"`` raises ``DuplicateWorkflow`` and starts
+        nothing (all or nothing); ``"existing"`` starts the others and returns the id of
+        the run that holds it in its place.
+        """
+        return self.durable._start_many(self, states, keys=keys, workflow_ids=workflow_ids,
+                                        delay=delay, at=at, queue=queue,
+                                        on_conflict=on_conflict)
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name} v{self.version} steps={list(self.steps)}>"

@@ -135,7 +135,10 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         )
     state = _state(v, state_after if returned.state is KEEP else returned.state)
     if isinstance(returned, Next):
-        return _next(v, wf.resolve(returned.step), state)
+        if returned.run_ahead is not None and not isinstance(returned.run_ahead, bool):
+            raise errors.InvalidOutcome(
+                f"Next run_ahead must be True, False or None, got {returned.run_ahead!r}")
+        return _next(v, wf.resolve(returned.step), state, returned.run_ahead)
     if isinstance(returned, Done):
         return _done(v, returned.result, state)
     if isinstance(returned, Fail):
@@ -248,9 +251,10 @@ def _state(v: Visit, state: Any) -> str:
     return payloads.check_object(state, what="state", max_bytes=v.max_payload_bytes)
 
 
-def _next(v: Visit, target: Step, state: str) -> Transition:
+def _next(v: Visit, target: Step, state: str, run_ahead: bool | None = None) -> Transition:
     queue = _queue(v, target)
-    ahead = v.run_ahead and queue == v.queue and _ahead_allowed(v.workflow, target)
+    allowed = _ahead_allowed(v.workflow, target) if run_ahead is None else run_ahead
+    ahead = v.run_ahead and queue == v.queue and allowed
     return Transition(status="executing" if ahead else "runnable", step=target.name,
                       queue=queue, attempt=0, state=state, publish=not ahead, outcome="next",
                       next_step=target.name)

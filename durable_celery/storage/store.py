@@ -14,10 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.rows import dict_row
 
 from durable_celery import errors
 from durable_celery.storage import composition, migrate
-from durable_celery.storage.engine import EngineHolder
+from durable_celery.storage.engine import EngineHolder, driver_sql
 from durable_celery.storage.records import (
     TERMINAL,
     Claim,
@@ -66,16 +67,43 @@ WHERE id = :id OR (CAST(:key AS text) IS NOT NULL AND key = :key AND finished_at
 ORDER BY (id = :id) DESC LIMIT 1
 """)
 
+START_MANY = _q("""
+INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
+                      input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count)
+SELECT i.id, :workflow, :version, :queue, :run_queue, 0, 'runnable', :step,
+       CAST(i.state AS jsonb), CAST(i.state AS jsonb), i.key, t.due,
+       CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
+       CASE WHEN t.due > now() THEN NULL ELSE now() END,
+       CASE WHEN t.due > now() THEN 0 ELSE 1 END
+FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:keys AS text[]))
+         WITH ORDINALITY AS i(id, state, key, n),
+     (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
+                                      now() + make_interval(secs => :delay))) AS due) AS t
+ORDER BY i.n
+ON CONFLICT DO NOTHING
+RETURNING id, eligible_at > now() AS delayed
+""")
+
+FIND_CONFLICTS = _q("""
+SELECT id, key FROM {S}.runs
+WHERE id = ANY(CAST(:ids AS text[]))
+   OR (key = ANY(CAST(:keys AS text[])) AND finished_at IS NULL)
+""")
+
 UNPUBLISHED = _q("""
 UPDATE {S}.runs SET dispatch_at = now() + make_interval(secs => :after), dispatched_at = NULL
 WHERE id = ANY(CAST(:ids AS text[])) AND status = 'runnable'
 """)
 
 # A compensating run keeps its status while a compensation executes (the owner tells).
+# A claim (and a heartbeat) commits with synchronous_commit off, set inside the statement so
+# it costs no round trip: losing one in a server crash only makes the step run again. The
+# outcome commit that follows is fully durable, and flushes the claim's WAL with it.
 CLAIM = _q("""
 UPDATE {S}.runs AS r
 SET status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'executing' END,
     owner = :owner, lease = :lease, started_at = now(), updated_at = now()
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
   AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
   -- A concurrency key held by an executing run, or a due run ahead of this one in the key's
@@ -160,6 +188,10 @@ WITH r AS (
 )
 SELECT * FROM r
 """)
+
+# The per-step statements, run on the driver directly (EngineHolder.raw).
+CLAIM_SQL = driver_sql(CLAIM)
+COMMIT_SQL = driver_sql(COMMIT)
 
 # Parking re-checks the inbox under the row lock the commit holds: a signal committed
 # before the park is delivered now; one committed after finds the run awaiting.
@@ -376,7 +408,11 @@ INSERT INTO {S}.workers (id, hostname, pid, nodename) VALUES (:id, :hostname, :p
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 """)
 
-HEARTBEAT = _q("UPDATE {S}.workers SET heartbeat_at = now() WHERE id = :id")
+HEARTBEAT = _q("""
+UPDATE {S}.workers SET heartbeat_at = now()
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+WHERE id = :id
+""")
 
 RELEASE_OWNED = _q("""
 UPDATE {S}.runs
@@ -396,6 +432,10 @@ GET_RUN = _q(f"SELECT {RUN_COLUMNS} FROM {{S}}.runs WHERE id = :id")
 HISTORY = _q("SELECT * FROM {S}.steps WHERE run_id = :id ORDER BY seq")
 
 STATUS = _q("SELECT status, result, error FROM {S}.runs WHERE id = :id")
+
+
+class _HolderGone(Exception):
+    """start_many: a conflicting run finished before we could name it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -513,6 +553,65 @@ class Store:
             return conn.execute(_q("SELECT 1 FROM {S}.signals WHERE id = :id"),
                                 {"id": signal_id}).first() is not None
 
+    def start_many(self, *, workflow: str, version: int, step: str, queue: str,
+                   run_queue: str | None, states: Sequence[str], keys: Sequence[str | None],
+                   workflow_ids: Sequence[str | None], delay: float, at: datetime | None,
+                   existing: bool) -> tuple[list[str], list[str], bool]:
+        """Insert runnable runs in one transaction.
+
+        Returns ``(ids in input order, ids inserted, publish_now)``. A taken key or id
+        raises ``DuplicateWorkflow`` and inserts nothing, unless ``existing``: then the
+        holder's id stands in for that item and the rest is inserted.
+        """
+        ids = [wid or str(uuid.uuid4()) for wid in workflow_ids]
+        params = {"workflow": workflow, "version": version, "queue": queue,
+                  "run_queue": run_queue, "step": step, "ids": ids, "states": list(states),
+                  "keys": list(keys), "delay": float(delay), "at": at,
+                  "redispatch": self.redispatch_after}
+        for _ in range(3):
+            try:
+                return self._start_many(params, ids, keys, existing)
+            except _HolderGone:
+                continue  # the holder finished between the insert and the lookup
+        raise errors.DuplicateWorkflow("start_many: keys are contended", existing_id=None,
+                                       key=None)
+
+    def _start_many(self, params: dict[str, Any], ids: list[str], keys: Sequence[str | None],
+                    existing: bool) -> tuple[list[str], list[str], bool]:
+        with self.db.begin() as conn:
+            rows = conn.execute(START_MANY, params).all()
+            inserted = {row[0] for row in rows}
+            delayed = bool(rows) and bool(rows[0][1])
+            if len(inserted) == len(ids):
+                if delayed:
+                    conn.execute(NOTIFY)
+                return ids, ids, not delayed
+            holders = conn.execute(FIND_CONFLICTS, {
+                "ids": [i for i in ids if i not in inserted],
+                "keys": [k for i, k in zip(ids, keys, strict=True) if k is not None and i not in inserted],
+            }).all()
+            by_id = {row[0]: row[0] for row in holders}
+            by_key = {row[1]: row[0] for row in holders if row[1] is not None}
+            result: list[str] = []
+            for run_id, key in zip(ids, keys, strict=True):
+                if run_id in inserted:
+                    result.append(run_id)
+                    continue
+                holder = by_id.get(run_id) or (by_key.get(key) if key is not None else None)
+                if holder is None:
+                    raise _HolderGone  # rolls the batch back; the caller tries again
+                if not existing:
+                    what = (f"workflow_id {run_id!r}" if holder == run_id
+                            else f"key {key!r}")
+                    # Raising inside the transaction rolls the whole batch back.
+                    raise errors.DuplicateWorkflow(
+                        f"{what} is already used by run {holder!r}; no run was started",
+                        existing_id=holder, key=key)
+                result.append(holder)
+            if delayed:
+                conn.execute(NOTIFY)
+            return result, [i for i in ids if i in inserted], not delayed
+
     def mark_unpublished(self, workflow_ids: Sequence[str], after: float) -> None:
         """Publishing failed: the dispatcher publishes these again in ``after`` seconds."""
         with self.db.begin() as conn:
@@ -521,9 +620,9 @@ class Store:
     def claim(self, workflow_id: str, seq: int, owner: str) -> tuple[Claim, datetime] | None:
         lease = uuid.uuid4().hex
         try:
-            with self.db.begin() as conn:
-                row = conn.execute(CLAIM, {"id": workflow_id, "seq": seq, "owner": owner,
-                                           "lease": lease}).mappings().first()
+            with self.db.raw() as conn:  # one statement: autocommit, one round trip
+                row = conn.cursor(row_factory=dict_row).execute(CLAIM_SQL, {
+                    "id": workflow_id, "seq": seq, "owner": owner, "lease": lease}).fetchone()
         except errors.StorageError as exc:
             if exc.details.get("sqlstate") == UNIQUE_VIOLATION:
                 return None  # lost a race for a concurrency key: the winner hands it on
@@ -533,7 +632,7 @@ class Store:
         return Claim.from_row(row, lease), row["started_at"]
 
     def release(self, claim: Claim, after: float) -> bool:
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             return bool(conn.execute(RELEASE, {"id": claim.workflow_id, "lease": claim.lease,
                                                "after": after}).rowcount)
 
@@ -554,6 +653,18 @@ class Store:
             "comp_push": t.comp_push, "compensations": t.compensations,
             "compensation_errors": t.compensation_errors, "failure": t.failure,
         }
+        # A Next or Retry is one statement: autocommit, one round trip. Parking (re-check
+        # the inbox), timers (NOTIFY), spawning, ending (a parent may be waiting) and handing
+        # on a concurrency key take a transaction.
+        if t.status not in ("awaiting", "awaiting_children") and not t.terminal \
+                and t.children is None and claim.concurrency_key is None \
+                and not (t.status == "runnable" and not t.publish):
+            with self.db.raw() as raw:
+                found = raw.cursor(row_factory=dict_row).execute(COMMIT_SQL, params).fetchone()
+            if found is None:
+                return None
+            return Committed(seq=found["seq"], status=found["status"],
+                             dispatch=Dispatch.from_row(found) if t.publish else None)
         with self.db.begin() as conn:
             row = conn.execute(COMMIT, params).mappings().first()
             if row is None:
@@ -676,7 +787,7 @@ class Store:
     # ------------------------------------------------------------------ sweeps
 
     def dispatch_due(self, limit: int) -> list[Dispatch]:
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(DISPATCH_DUE, {
                 "limit": limit, "redispatch": self.redispatch_after,
                 "max_backoff": self.redispatch_max_backoff}).mappings().all()
@@ -687,7 +798,7 @@ class Store:
             return int(conn.execute(WAKE_FREE_KEYS, {"limit": limit, "quiet": quiet}).rowcount)
 
     def expire_awaits(self, limit: int) -> list[Dispatch]:
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             rows = conn.execute(EXPIRE_AWAITS, {
                 "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
         return [Dispatch.from_row(r) for r in rows]
@@ -727,7 +838,7 @@ class Store:
 
     def heartbeat(self, worker_id: str) -> bool:
         """Beat; False when the row is gone (this worker was reaped and must re-register)."""
-        with self.db.begin() as conn:
+        with self.db.connect() as conn:
             return bool(conn.execute(HEARTBEAT, {"id": worker_id}).rowcount)
 
     def deregister_worker(self, worker_id: str) -> int:
