@@ -215,6 +215,8 @@ class Controls:
 
     @staticmethod
     def _first_step(source: ForkSource, wf: Any) -> str:
+        if source.single_step:  # a child that runs one step of its workflow
+            return source.history[0][1] if source.history else source.step
         if wf is not None:
             return str(wf.first.name)
         return source.history[0][1] if source.history else source.step

@@ -37,3 +37,9 @@ CREATE INDEX runs_owner_idx ON durable_celery.runs (owner)
     WHERE status IN ('executing', 'compensating');
 -- The next held child of a parent, in spawn order.
 CREATE INDEX runs_held_idx ON durable_celery.runs (parent_id, child_index) WHERE held;
+
+-- A compensation that is executing holds its run's concurrency key, as an executing step does.
+DROP INDEX durable_celery.runs_concurrency_key_idx;
+CREATE UNIQUE INDEX runs_concurrency_key_idx ON durable_celery.runs (concurrency_key)
+    WHERE concurrency_key IS NOT NULL
+      AND (status = 'executing' OR (status = 'compensating' AND owner IS NOT NULL));

@@ -82,16 +82,28 @@ RETURNING r.id, r.parent_id, r.spawn_seq, r.held
 
 # A run cancelled while compensating resumes compensating (its step is a compensation).
 RESUME = _q("""
+WITH t AS (
+  SELECT r.id, (r.held AND EXISTS (
+           SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id
+              AND p.status = 'awaiting_children' AND p.visit = r.spawn_seq)) AS keep_held
+  FROM {S}.runs AS r WHERE r.id = :id
+)
 UPDATE {S}.runs SET
   status = CASE WHEN failure IS NOT NULL AND jsonb_array_length(compensations) > 0
                 THEN 'compensating' ELSE 'runnable' END,
   attempt = 0, recoveries = 0, finished_at = NULL, result = NULL,
   error = NULL, timed_out = false, await_names = NULL, await_deadline = NULL,
-  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(), held = false,
-  visit = seq, dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1, updated_at = now()
-WHERE id = :id AND status IN ('cancelled', 'failed')
-RETURNING """ + DISPATCH_COLUMNS + ", parent_id, spawn_seq")
+  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(), children_pending = 0,
+  -- A held foreach child stays held while its parent still waits on that spawn: a finishing
+  -- sibling releases it in order, and the cap holds.
+  held = t.keep_held,
+  dispatch_at = CASE WHEN t.keep_held THEN NULL ELSE now() + make_interval(secs => :redispatch) END,
+  dispatched_at = CASE WHEN t.keep_held THEN NULL ELSE now() END,
+  dispatch_count = CASE WHEN t.keep_held THEN 0 ELSE 1 END, updated_at = now()
+FROM t WHERE runs.id = t.id AND runs.status IN ('cancelled', 'failed')
+RETURNING runs.id, runs.workflow, runs.step, runs.seq, runs.queue, runs.priority,
+          runs.parent_id, runs.spawn_seq, runs.held
+""")
 
 # A resumed child is pending again for a parent still waiting on its spawn (it was counted
 # when it was cancelled or failed). Child row first, then the parent, as everywhere.
@@ -101,21 +113,30 @@ WHERE id = :parent_id AND status = 'awaiting_children' AND visit = :spawn_seq
 """)
 
 LOCK_RUN = _q("""
-SELECT id, workflow, version, status, step, seq, queue, run_queue, priority, key, input
+SELECT id, workflow, version, status, step, seq, queue, run_queue, priority, key, input,
+       single_step
 FROM {S}.runs WHERE id = :id FOR SHARE
 """)
 
 HISTORY_ROWS = _q("""
-SELECT seq, step, state, outcome FROM {S}.steps WHERE run_id = :id ORDER BY seq
+SELECT seq, step, state, outcome FROM {S}.steps AS s
+WHERE run_id = :id
+  -- The forward history only: rows after the failure that started compensating are the
+  -- compensations'.
+  AND NOT EXISTS (SELECT 1 FROM {S}.steps AS f
+                  WHERE f.run_id = s.run_id AND f.seq < s.seq AND f.outcome = 'fail'
+                    AND f.next_step IS NOT NULL)
+ORDER BY seq
 """)
 
 FORK = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, seq,
                       visit, state, input, eligible_at, dispatch_at, dispatched_at,
-                      dispatch_count, forked_from, app_version, concurrency_key, compensations)
+                      dispatch_count, forked_from, app_version, concurrency_key, compensations,
+                      single_step)
 SELECT :new_id, workflow, :version, :queue, run_queue, priority, 'runnable', :step, :seq,
        :seq, COALESCE(CAST(:state AS jsonb), input), input, now(), now() + make_interval(secs => :redispatch),
-       now(), 1, id, :app_version, concurrency_key, CAST(:compensations AS jsonb)
+       now(), 1, id, :app_version, concurrency_key, CAST(:compensations AS jsonb), single_step
 FROM {S}.runs WHERE id = :id
 ON CONFLICT DO NOTHING
 RETURNING """ + DISPATCH_COLUMNS)
@@ -150,6 +171,7 @@ class ForkSource:
     run_queue: str | None
     history: Sequence[tuple[int, str, Any]]
     outcomes: Sequence[str] = ()   # the history's outcome labels, in the same order
+    single_step: bool = False      # a child started from a step function: that step only
 
 
 Mutation = Callable[[sa.Connection], Outcome]
@@ -238,7 +260,7 @@ class ControlStore:
         if row["parent_id"] is not None and row["spawn_seq"] is not None:
             conn.execute(UNCOUNT, {"parent_id": row["parent_id"],
                                    "spawn_seq": row["spawn_seq"]})
-        return Dispatch.from_row(row)
+        return None if row["held"] else Dispatch.from_row(row)
 
     def fork_source(self, conn: sa.Connection, workflow_id: str) -> ForkSource | None:
         run = conn.execute(LOCK_RUN, {"id": workflow_id}).mappings().first()
@@ -248,7 +270,8 @@ class ControlStore:
         history = [(int(h["seq"]), str(h["step"]), h["state"]) for h in rows]
         return ForkSource(workflow=run["workflow"], version=run["version"], step=run["step"],
                           queue=run["queue"], run_queue=run["run_queue"], history=history,
-                          outcomes=[str(h["outcome"]) for h in rows])
+                          outcomes=[str(h["outcome"]) for h in rows],
+                          single_step=bool(run["single_step"]))
 
     def fork(self, conn: sa.Connection, *, source_id: str, new_id: str | None, version: int,
              step: str, queue: str, seq: int, state: str | None, app_version: str | None,

@@ -98,7 +98,8 @@ sa.Index("runs_finished_idx", runs.c.finished_at,
          postgresql_where=sa.text("finished_at IS NOT NULL"))
 sa.Index("runs_workflow_created_idx", runs.c.workflow, runs.c.created_at)
 sa.Index("runs_concurrency_key_idx", runs.c.concurrency_key, unique=True,
-         postgresql_where=sa.text("status = 'executing' AND concurrency_key IS NOT NULL"))
+         postgresql_where=sa.text("concurrency_key IS NOT NULL AND (status = 'executing' "
+                                  "OR (status = 'compensating' AND owner IS NOT NULL))"))
 sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, runs.c.eligible_at,
          postgresql_where=sa.text("status = 'runnable' AND concurrency_key IS NOT NULL"))
 sa.Index("runs_held_idx", runs.c.parent_id, runs.c.child_index, postgresql_where=sa.text("held"))

@@ -112,7 +112,7 @@ WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {S}.runs AS e
         WHERE e.concurrency_key = r.concurrency_key AND e.id <> r.id
-          AND (e.status = 'executing'
+          AND (e.status = 'executing' OR (e.status = 'compensating' AND e.owner IS NOT NULL)
                OR (e.status = 'runnable' AND e.eligible_at <= now() AND NOT e.held
                    AND (e.priority > r.priority
                         OR (e.priority = r.priority
@@ -147,7 +147,10 @@ COMMIT = _q("""
 WITH r AS (
   UPDATE {S}.runs SET
     status = :status, step = :step, queue = :queue, seq = seq + 1, attempt = :attempt,
-    visit = CASE WHEN :outcome = 'retry' THEN visit ELSE seq + 1 END, recoveries = 0,
+    -- A retry or an ending keeps the visit: a resumed step is the same visit (its
+    -- idempotency key and, for a join step, its children stay the same).
+    visit = CASE WHEN :outcome = 'retry' OR :terminal THEN visit ELSE seq + 1 END,
+    recoveries = 0,
     state = CAST(:state AS jsonb), result = CAST(:result AS jsonb), error = CAST(:error AS jsonb),
     eligible_at = COALESCE(CAST(:until AS timestamptz), now() + make_interval(secs => :delay)),
     dispatch_at = CASE WHEN :status IN ('runnable', 'compensating') THEN
@@ -214,12 +217,27 @@ WHERE r.id = :id AND r.status = 'awaiting' AND CASE
 RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority""")
 
 LANDED = _q("""
-SELECT r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status,
+SELECT r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
+       -- Executing under another claim (it was reclaimed since): not ours to continue.
+       CASE WHEN r.owner IS NOT NULL AND r.lease IS DISTINCT FROM :lease THEN 'taken'
+            ELSE r.status END AS status,
        (r.status IN ('runnable', 'compensating') AND r.owner IS NULL AND NOT r.held
-        AND r.eligible_at <= now()) AS publish
+        AND r.eligible_at <= now()) AS publish, r.parent_id
 FROM {S}.runs AS r
 JOIN {S}.steps AS h ON h.run_id = r.id AND h.seq = :seq AND h.worker = :worker AND h.step = :step
 WHERE r.id = :id AND r.seq = :seq
+""")
+
+# After a commit proven by LANDED: the runs it may have made runnable (the children it
+# spawned, a parent it woke, a held sibling it released), to publish again. A duplicate
+# message is harmless: the claim is guarded by seq.
+LANDED_WAKES = _q(f"""
+SELECT {DISPATCH_COLUMNS} FROM {{S}}.runs AS w
+WHERE w.status IN ('runnable', 'compensating') AND w.owner IS NULL AND NOT w.held
+  AND w.eligible_at <= now()
+  AND ((w.parent_id = :id AND w.spawn_seq = :seq)
+       OR w.id = :parent_id OR w.parent_id = :parent_id)
+LIMIT 10000
 """)
 
 NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
@@ -245,6 +263,7 @@ WHERE id IN (
     AND w.dispatch_at > now()
     AND NOT EXISTS (SELECT 1 FROM {S}.runs AS e WHERE e.concurrency_key = w.concurrency_key
                     AND (e.status = 'executing'
+                         OR (e.status = 'compensating' AND e.owner IS NOT NULL)
                          OR (e.status = 'runnable' AND (e.dispatch_at <= now()
                              OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
   ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at, w.id
@@ -658,7 +677,7 @@ class Store:
         # on a concurrency key take a transaction.
         if t.status not in ("awaiting", "awaiting_children") and not t.terminal \
                 and t.children is None and claim.concurrency_key is None \
-                and not (t.status == "runnable" and not t.publish):
+                and not (t.status in ("runnable", "compensating") and not t.publish):
             with self.db.raw() as raw:
                 found = raw.cursor(row_factory=dict_row).execute(COMMIT_SQL, params).fetchone()
             if found is None:
@@ -684,7 +703,7 @@ class Store:
                     "redispatch": self.redispatch_after}).mappings().first()
                 if woke is not None:
                     dispatch, status = Dispatch.from_row(woke), "runnable"
-            timer = (t.status == "runnable" and not t.publish) or (
+            timer = (t.status in ("runnable", "compensating") and not t.publish) or (
                 t.deadline is not None and status == "awaiting")
             if claim.concurrency_key is not None and t.status != "executing":
                 timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
@@ -714,11 +733,15 @@ class Store:
         """
         with self.db.connect() as conn:
             row = conn.execute(LANDED, {"id": claim.workflow_id, "seq": claim.seq + 1,
-                                        "worker": worker, "step": claim.step}).mappings().first()
-        if row is None:
-            return None
+                                        "worker": worker, "step": claim.step,
+                                        "lease": claim.lease}).mappings().first()
+            if row is None:
+                return None
+            wakes = tuple(Dispatch.from_row(w) for w in conn.execute(LANDED_WAKES, {
+                "id": claim.workflow_id, "seq": claim.seq + 1,
+                "parent_id": row["parent_id"]}).mappings())
         dispatch = Dispatch.from_row(row) if row["publish"] else None
-        return Committed(seq=row["seq"], status=row["status"], dispatch=dispatch)
+        return Committed(seq=row["seq"], status=row["status"], dispatch=dispatch, wakes=wakes)
 
     def get(self, workflow_id: str) -> Run | None:
         with self.db.connect() as conn:
