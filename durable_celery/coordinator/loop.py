@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("durable_celery.coordinator")
 
 GC_INTERVAL = 60.0
+WAKE_MARGIN = 0.0005
 
 
 class Coordinator:
@@ -61,12 +62,15 @@ class Coordinator:
 
     _next_reap = 0.0
     _next_gc = 0.0
+    _stalled = 0  # consecutive passes that found due rows they could not take
 
     def _pass(self) -> float:
         """Run what is due; return how long to sleep."""
         interval = self.durable.settings.sweep_interval
         try:
             self.durable._ensure_ready()  # migrations, once per process (a no-op after)
+            # Due timers first: the other sweeps' statements would add to every overshoot.
+            done = self.dispatcher.run_once()
             now = time.monotonic()
             if now >= self._next_reap:
                 self._next_reap = now + interval
@@ -74,16 +78,22 @@ class Coordinator:
             if now >= self._next_gc:
                 self._next_gc = now + GC_INTERVAL
                 self.collector.run_once()
-            done, cron_due = self._cron_pass()
-            done += self.dispatcher.run_once()
+            cron_done, cron_due = self._cron_pass()
+            done += cron_done
             due = self.dispatcher.seconds_to_next()
             wait = min(interval, self._next_reap - time.monotonic())
             for nearest in (due, cron_due):
                 if nearest is not None:
                     wait = min(wait, nearest)
             if wait <= 0 and not done:
-                wait = 0.01  # due rows are locked by another coordinator right now
-            return max(wait, 0.0)
+                # Due rows we could not take: they became due between our two statements
+                # (try again at once), or another coordinator holds them (back off).
+                self._stalled += 1
+                return float(min(0.0005 * 2 ** self._stalled, 0.05))
+            self._stalled = 0
+            # Wake just after the due time, not just before it (a pass that finds the timer
+            # not yet due costs a round trip and the timer its overshoot).
+            return max(wait, 0.0) + WAKE_MARGIN
         except Exception:
             log.warning("coordinator sweep failed; retrying", exc_info=True)
             return interval
