@@ -152,6 +152,7 @@ class Claim:
     lease: str
     signals: tuple[Signal, ...]
     concurrency_key: str | None = None
+    parent_id: str | None = None   # a parent waits on this run's ending
     children: tuple[Child, ...] = ()
     compensating: bool = False
     compensations: tuple[dict[str, Any], ...] = ()    # the stack, top last
@@ -173,7 +174,7 @@ class Claim:
             state=row["state"], key=row["key"], run_queue=row["run_queue"], queue=row["queue"],
             priority=row["priority"], timed_out=row["timed_out"], lease=lease,
             signals=tuple(Signal.from_json(s) for s in (row["signals"] or ())),
-            concurrency_key=row.get("concurrency_key"),
+            concurrency_key=row.get("concurrency_key"), parent_id=row.get("parent_id"),
         )
 
 

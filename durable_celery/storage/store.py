@@ -119,7 +119,8 @@ WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
                             AND (e.eligible_at, e.created_at, e.id)
                                 < (r.eligible_at, r.created_at, r.id)))))))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
-          r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.status,
+          r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.parent_id,
+          r.status,
           r.compensations, r.compensation_errors, r.failure, r.single_step,
           (SELECT jsonb_agg(jsonb_build_object('index', c.child_index, 'workflow_id', c.id,
                                                'workflow', c.workflow, 'status', c.status,
@@ -672,10 +673,11 @@ class Store:
             "comp_push": t.comp_push, "compensations": t.compensations,
             "compensation_errors": t.compensation_errors, "failure": t.failure,
         }
-        # A Next or Retry is one statement: autocommit, one round trip. Parking (re-check
-        # the inbox), timers (NOTIFY), spawning, ending (a parent may be waiting) and handing
-        # on a concurrency key take a transaction.
-        if t.status not in ("awaiting", "awaiting_children") and not t.terminal \
+        # A Next, Retry or ending is one statement: autocommit, one round trip. Parking
+        # (re-check the inbox), timers (NOTIFY), spawning, the ending of a child (its parent
+        # counts it) and handing on a concurrency key take a transaction.
+        if t.status not in ("awaiting", "awaiting_children") \
+                and not (t.terminal and claim.parent_id is not None) \
                 and t.children is None and claim.concurrency_key is None \
                 and not (t.status in ("runnable", "compensating") and not t.publish):
             with self.db.raw() as raw:
