@@ -36,21 +36,13 @@ _inline = threading.local()  # testing.drain runs steps without publishing
 
 def check_identifier(value: Any, what: str) -> str:
     """workflow ids, keys, dedup keys: 1-200 characters, not blank, no NUL."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID or "\x00" in value \
-            or not _encodable(value):
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID \
+            or not payloads.storable(value):
         raise errors.InvalidArgument(
             f"{what} must be a non-blank string of at most {MAX_ID} characters without NUL or "
             f"lone surrogates; got {value!r}"[:400]
         )
     return value
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Durable:

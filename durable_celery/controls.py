@@ -18,7 +18,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from durable_celery import errors
+from durable_celery import errors, payloads
 from durable_celery.definitions import MAX_SECONDS
 from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage.controls import ControlStore, ForkSource, Outcome
@@ -48,22 +48,12 @@ def check_request_key(value: Any) -> str:
         raise errors.InvalidRequest(
             f"request_key must be a string, got {type(value).__name__}", field="request_key")
     key = value.strip()
-    if not 1 <= len(key) <= MAX_REQUEST_KEY or not _storable(key):
+    if not 1 <= len(key) <= MAX_REQUEST_KEY or not payloads.storable(key):
         raise errors.InvalidRequest(
             f"request_key must be 1-{MAX_REQUEST_KEY} characters after trimming, without NUL "
             f"or lone surrogates; got {len(key)} characters", field="request_key")
     return key
 
-
-def _storable(text: str) -> bool:
-    """Postgres text takes neither NUL nor lone surrogates (not valid UTF-8)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_workflow_id(value: Any, field: str = "workflow_id") -> str:
@@ -132,7 +122,7 @@ class Controls:
                ttl_days: Any = 7, cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         key, wid, ttl = self._common(workflow_id, request_key, ttl_days, cleanup_interval_seconds)
         if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON
-                                   or not _storable(reason)):
+                                   or not payloads.storable(reason)):
             raise errors.InvalidRequest(
                 f"reason must be a string of at most {MAX_REASON} characters, without NUL or "
                 "lone surrogates", field="reason")

@@ -81,14 +81,23 @@ def _walk(root: Any, what: str) -> None:
         )
 
 
-def _check_text(text: str, where: str, what: str) -> None:
+def storable(text: str) -> bool:
+    """Postgres text takes neither NUL nor lone surrogates (they are not valid UTF-8)."""
     if "\x00" in text:
-        raise errors.InvalidPayload(f"{where} holds a NUL character", what=what)
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    if "\x00" in text:
+        raise errors.InvalidPayload(f"{where} holds a NUL character", what=what)
+    if not storable(text):
         raise errors.InvalidPayload(
-            f"{where} holds a lone surrogate, which is not valid Unicode", what=what) from None
+            f"{where} holds a lone surrogate, which is not valid Unicode", what=what)
 
 
 def printable(text: str, limit: int) -> str:

@@ -212,20 +212,12 @@ def signal_names(names: Any) -> list[str]:
 
 def check_signal_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME \
-            or "\x00" in name or not _encodable(name):
+            or not payloads.storable(name):
         raise errors.InvalidArgument(
             f"a signal name must be a non-blank string of at most {MAX_SIGNAL_NAME} characters "
             f"without NUL or lone surrogates; got {name!r}"[:400]
         )
     return name
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _seconds(value: Any, what: str) -> float:
