@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
+from datetime import timezone as tz
 from typing import Any
 
 from celery import Celery
@@ -196,14 +197,15 @@ class Durable:
         self._tasks.add(name)
         durable = self
 
-        def run_step(workflow_id: Any, seq: Any) -> None:
-            executor.execute(durable, workflow_id, seq)
+        def run_step(task: Any, workflow_id: Any, seq: Any) -> None:
+            # A timer published ahead of its due time comes with an eta (timer_lead).
+            executor.execute(durable, workflow_id, seq, early=task.request.eta is not None)
 
         run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
         # shared=False: the task belongs to this app only. No queue= option (deprecated in
         # Celery 5.7): every publish names its queue explicitly.
         self.app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
-                      typing=False, shared=False)(run_step)
+                      typing=False, shared=False, bind=True)(run_step)
 
     def _install(self) -> None:
         from durable_celery import controls
@@ -333,12 +335,16 @@ class Durable:
         if getattr(_inline, "active", False):
             return len(dispatches)
         for index, dispatch in enumerate(dispatches):
+            args = [dispatch.workflow_id, dispatch.seq]
             try:
+                # argsrepr/kwargsrepr given: Celery's saferepr of them is a tenth of a publish.
                 self.app.send_task(
                     f"durable.{dispatch.workflow}.{dispatch.step}",
-                    args=[dispatch.workflow_id, dispatch.seq], queue=dispatch.queue,
+                    args=args, argsrepr=repr(args), kwargsrepr="{}", queue=dispatch.queue,
                     serializer="json", ignore_result=True,
                     priority=self._broker_priority(dispatch.priority),
+                    eta=None if dispatch.eta is None else datetime.fromtimestamp(
+                        dispatch.eta, tz.utc),
                 )
             except Exception:
                 rest = dispatches[index:]

@@ -14,6 +14,7 @@ from durable_celery import errors
 
 MAX_DURATION = 100 * 366 * 24 * 3600.0  # seconds: beyond this, Postgres intervals overflow
 MAX_COUNT = 2**31 - 1
+MAX_TIMER_LEAD = 5.0  # seconds a due timer's message may be published ahead (with an eta)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +25,7 @@ class Settings:
     sweep_interval: float = 1.0
     redispatch_after: float = 60.0
     redispatch_max_backoff: float = 3600.0
+    timer_lead: float = 0.05
     retention: timedelta = field(default_factory=lambda: timedelta(days=7))
     gc_batch_size: int = 1000
     sweep_batch_size: int = 500
@@ -44,6 +46,10 @@ class Settings:
                     and 0 < value <= MAX_DURATION):
                 raise errors.ConfigurationError(
                     f"{name} must be > 0 and at most {MAX_DURATION:.0f} seconds, got {value!r}")
+        if not (isinstance(self.timer_lead, float) and 0 <= self.timer_lead <= MAX_TIMER_LEAD):
+            raise errors.ConfigurationError(
+                f"timer_lead must be between 0 and {MAX_TIMER_LEAD:.0f} seconds, "
+                f"got {self.timer_lead!r}")
         if self.stale_after < 2 * self.heartbeat_interval:
             raise errors.ConfigurationError(
                 f"stale_after ({self.stale_after}) must be at least twice heartbeat_interval "

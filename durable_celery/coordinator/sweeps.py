@@ -33,7 +33,8 @@ class Dispatcher:
         # its next waiter becomes due now.
         store.wake_free_keys(limit, quiet=KEY_QUIET)
         for _ in range(100):  # bounded: never starve the other sweeps
-            batch = store.expire_awaits(limit) + store.dispatch_due(limit)
+            batch = store.expire_awaits(limit) + store.dispatch_due(
+                limit, lead=self.durable.settings.timer_lead)
             published = self.durable._publish_many(batch)
             done += published
             if published < len(batch) or len(batch) < limit:

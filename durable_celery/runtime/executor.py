@@ -8,13 +8,14 @@ import logging
 import time
 from collections import Counter
 from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from durable_celery import errors
 from durable_celery.runtime import outcomes
 from durable_celery.runtime.context import Context
-from durable_celery.storage.records import Claim
-from durable_celery.storage.store import Committed, Transition
+from durable_celery.storage.records import Claim, Dispatch
+from durable_celery.storage.store import CLAIM_AHEAD, TAKE_UP_EARLY, Committed, Transition
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
@@ -26,11 +27,13 @@ log = logging.getLogger("durable_celery.runtime")
 counters: Counter[str] = Counter()
 
 
-def execute(durable: Durable, workflow_id: Any, seq: Any) -> str:
+def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False) -> str:
     """Handle the message "run the current step of ``workflow_id`` at ``seq``".
 
-    Returns what happened: ``"stale"`` (dropped), ``"committed"``, ``"lease_lost"``,
-    ``"released"`` (this process lacks the workflow version) or ``"bad_message"``.
+    ``early``: the message was published ahead of the step's due time (a timer, see
+    ``timer_lead``) and held by the worker until then. Returns what happened: ``"stale"``
+    (dropped), ``"committed"``, ``"lease_lost"``, ``"released"`` (this process lacks the
+    workflow version), ``"early"`` (sent again for later) or ``"bad_message"``.
     """
     if not isinstance(workflow_id, str) or isinstance(seq, bool) or not isinstance(seq, int):
         counters["bad_message"] += 1
@@ -38,12 +41,49 @@ def execute(durable: Durable, workflow_id: Any, seq: Any) -> str:
         return "bad_message"
     durable._ensure_ready()
     worker_id = durable._identity().ensure()
-    claimed = durable.store.claim(workflow_id, seq, worker_id)
+    claimed = durable.store.claim(workflow_id, seq, worker_id, ahead=CLAIM_AHEAD)
+    if claimed is None and early:
+        resent, claimed = _claim_when_due(durable, workflow_id, seq, worker_id)
+        if resent:
+            return "early"
     if claimed is None:
         counters["stale"] += 1
         return "stale"
     claim, started_at = claimed
+    if claim.due_in > 0:  # a timer claimed just ahead: start it on the dot, not before
+        time.sleep(claim.due_in)
     return run_claimed(durable, claim, worker_id, started_at)
+
+
+EARLY_TRIES = 3
+MAX_COUNTDOWN = 60.0  # a message held by a worker longer than this is sent again
+
+
+def _claim_when_due(durable: Durable, workflow_id: str, seq: int, worker_id: str,
+                    ) -> tuple[bool, tuple[Claim, datetime] | None]:
+    """A timer's message arrived before the step is due by the database's clock (this
+    host's clock runs ahead of it, or the eta fired a little early): wait out a short
+    remainder and claim; send a long one again with that countdown. Returns (sent again,
+    the claim)."""
+    lead = durable.settings.timer_lead
+    for _ in range(EARLY_TRIES):
+        wait = durable.store.seconds_until_eligible(workflow_id, seq)
+        if wait is None:
+            return False, None  # due now (the claim lost for another reason), or not runnable
+        if wait > 2 * lead + CLAIM_AHEAD:
+            counters["early"] += 1
+            row = durable.store.get(workflow_id)
+            if row is not None and row.seq == seq:
+                eta = time.time() + min(wait, MAX_COUNTDOWN) - TAKE_UP_EARLY
+                durable._publish(Dispatch(workflow_id=workflow_id, workflow=row.workflow,
+                                          step=row.step, seq=seq, queue=row.queue,
+                                          priority=row.priority, eta=eta))
+            return True, None
+        time.sleep(max(wait - CLAIM_AHEAD / 2, 0.0))
+        claimed = durable.store.claim(workflow_id, seq, worker_id, ahead=CLAIM_AHEAD)
+        if claimed is not None:
+            return False, claimed
+    return False, None
 
 
 def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any) -> str:

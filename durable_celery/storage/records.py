@@ -159,10 +159,12 @@ class Claim:
     compensation_errors: tuple[Any, ...] = ()
     failure: Any = None
     single_step: bool = False   # a child started from a step function: that step only
+    due_in: float = 0.0   # claimed this many seconds before the step is due (a timer)
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
         return cls(
+            due_in=float(row.get("due_in") or 0.0),
             single_step=bool(row["single_step"]),
             children=tuple(Child.from_json(c) for c in (row["children"] or ())),
             compensating=row["status"] == "compensating",
@@ -188,6 +190,9 @@ class Dispatch:
     seq: int
     queue: str
     priority: int
+    # A timer published ahead of its due time (``timer_lead``): when (this host's epoch
+    # seconds) the worker should take the message up; a Celery eta.
+    eta: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Dispatch:

@@ -7,9 +7,10 @@ row first, then its signals.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -96,15 +97,18 @@ WHERE id = ANY(CAST(:ids AS text[])) AND status = 'runnable'
 """)
 
 # A compensating run keeps its status while a compensation executes (the owner tells).
+# A timer's message, published ahead (timer_lead), may claim up to :ahead seconds before the
+# step is due; the executor then sleeps out ``due_in`` and starts the step on the dot.
 # A claim (and a heartbeat) commits with synchronous_commit off, set inside the statement so
 # it costs no round trip: losing one in a server crash only makes the step run again. The
 # outcome commit that follows is fully durable, and flushes the claim's WAL with it.
 CLAIM = _q("""
 UPDATE {S}.runs AS r
 SET status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'executing' END,
-    owner = :owner, lease = :lease, started_at = now(), updated_at = now()
+    owner = :owner, lease = :lease, started_at = GREATEST(now(), r.eligible_at), updated_at = now()
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-WHERE r.id = :id AND r.seq = :seq AND r.eligible_at <= now() AND NOT r.held
+WHERE r.id = :id AND r.seq = :seq AND NOT r.held
+  AND r.eligible_at <= now() + make_interval(secs => :ahead)
   AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
   -- A concurrency key held by an executing run, or a due run ahead of this one in the key's
   -- queue (priority, then age: first come, first served): stay runnable; the holder's
@@ -122,6 +126,7 @@ RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.stat
           r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.parent_id,
           r.status,
           r.compensations, r.compensation_errors, r.failure, r.single_step,
+          EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS due_in,
           (SELECT jsonb_agg(jsonb_build_object('index', c.child_index, 'workflow_id', c.id,
                                                'workflow', c.workflow, 'status', c.status,
                                                'result', c.result, 'error', c.error,
@@ -293,20 +298,47 @@ RETURNING id
 
 # --- sweeps
 
+# A timer's message is taken up by the worker TAKE_UP_EARLY seconds before the step is due;
+# any claim may come up to CLAIM_AHEAD seconds early, and the executor sleeps out the rest,
+# so the step starts on the dot, never before (both by the database's clock).
+TAKE_UP_EARLY = 0.01
+CLAIM_AHEAD = 0.025
+
+
+def eta_for(now: float, wait: float | None, lead: float) -> float | None:
+    """When (epoch seconds, this host) a worker should take up a message for a step due in
+    ``wait`` seconds; None: at once. Never more than ``lead`` ahead of ``now``."""
+    if wait is None or wait <= TAKE_UP_EARLY:
+        return None
+    return now + min(wait, lead) - TAKE_UP_EARLY
+
+
+# Rows due within ``:lead`` seconds are published now, each with the seconds it has left
+# (``wait``, made a Celery eta): the worker holds the message and claims just before the due
+# time, so a timer's overshoot is not this statement, the publish and the delivery.
 DISPATCH_DUE = _q("""
 WITH due AS (
   SELECT id FROM {S}.runs
-  WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND dispatch_at <= now()
+  WHERE status IN ('runnable', 'compensating') AND owner IS NULL
+    AND dispatch_at <= now() + make_interval(secs => :lead)
   ORDER BY priority DESC, dispatch_at
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
 )
 UPDATE {S}.runs AS r SET
   dispatched_at = now(), dispatch_count = r.dispatch_count + 1, updated_at = now(),
-  dispatch_at = now() + make_interval(secs => LEAST(
+  dispatch_at = GREATEST(r.eligible_at, now()) + make_interval(secs => LEAST(
       :redispatch * power(2, LEAST(r.dispatch_count, 30)), :max_backoff))
 FROM due WHERE r.id = due.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
+          EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS wait
+""")
+
+# How long a runnable step at this seq has until it is due (a claim that came early).
+UNTIL_ELIGIBLE = _q("""
+SELECT EXTRACT(EPOCH FROM eligible_at - now())::float8 FROM {S}.runs
+WHERE id = :id AND seq = :seq AND NOT held AND eligible_at > now()
+  AND (status = 'runnable' OR (status = 'compensating' AND owner IS NULL))
 """)
 
 EXPIRE_AWAITS = _q("""
@@ -637,12 +669,16 @@ class Store:
         with self.db.begin() as conn:
             conn.execute(UNPUBLISHED, {"ids": list(workflow_ids), "after": after})
 
-    def claim(self, workflow_id: str, seq: int, owner: str) -> tuple[Claim, datetime] | None:
+    def claim(self, workflow_id: str, seq: int, owner: str, *, ahead: float = 0.0,
+              ) -> tuple[Claim, datetime] | None:
+        """Claim the step at ``seq``; ``ahead``: it may be due in up to that many seconds
+        (the claim's ``due_in`` says how many)."""
         lease = uuid.uuid4().hex
         try:
             with self.db.raw() as conn:  # one statement: autocommit, one round trip
                 row = conn.cursor(row_factory=dict_row).execute(CLAIM_SQL, {
-                    "id": workflow_id, "seq": seq, "owner": owner, "lease": lease}).fetchone()
+                    "id": workflow_id, "seq": seq, "owner": owner, "lease": lease,
+                    "ahead": ahead}).fetchone()
         except errors.StorageError as exc:
             if exc.details.get("sqlstate") == UNIQUE_VIOLATION:
                 return None  # lost a race for a concurrency key: the winner hands it on
@@ -811,12 +847,22 @@ class Store:
 
     # ------------------------------------------------------------------ sweeps
 
-    def dispatch_due(self, limit: int) -> list[Dispatch]:
+    def dispatch_due(self, limit: int, *, lead: float = 0.0) -> list[Dispatch]:
+        """Mark due rows dispatched (and rows due within ``lead`` seconds, with their
+        countdown); the caller publishes them."""
         with self.db.connect() as conn:
             rows = conn.execute(DISPATCH_DUE, {
-                "limit": limit, "redispatch": self.redispatch_after,
+                "limit": limit, "lead": lead, "redispatch": self.redispatch_after,
                 "max_backoff": self.redispatch_max_backoff}).mappings().all()
-        return [Dispatch.from_row(r) for r in rows]
+        now = time.time()
+        return [replace(Dispatch.from_row(r), eta=eta_for(now, r["wait"], lead))
+                for r in rows]
+
+    def seconds_until_eligible(self, workflow_id: str, seq: int) -> float | None:
+        """Seconds until the runnable step at ``seq`` is due; None if it is not waiting."""
+        with self.db.connect() as conn:
+            value = conn.execute(UNTIL_ELIGIBLE, {"id": workflow_id, "seq": seq}).scalar()
+        return None if value is None else float(value)
 
     def wake_free_keys(self, limit: int, *, quiet: float) -> int:
         with self.db.begin() as conn:

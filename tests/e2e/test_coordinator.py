@@ -43,3 +43,21 @@ def test_standalone_coordinator_wakes_sleeping_runs(e2e: Harness) -> None:
             "go": {"n": i}, "timed_out": False, "x": i}
     assert coordinator.alive()
     assert "Traceback" not in coordinator.log.read_text()
+
+
+def test_timers_published_ahead_start_on_time_and_never_early(e2e: Harness) -> None:
+    # A large lead: each timer's message reaches the worker about 0.5 s before it is due
+    # (a Celery eta); the worker holds it and claims when it is due.
+    e2e.worker("prefork", 2, env={"DURABLE_CELERY_TIMER_LEAD": "0.5"})
+    runs = [e2e.start("timer", {"x": i, "sleep": 1}) for i in range(4)]
+    for wid in runs:
+        e2e.wait_status(wid, "awaiting", timeout=30)
+    for wid in runs:
+        [(napped, woke)] = e2e.db.rows(
+            "SELECT n.finished_at, w.started_at FROM durable_celery.steps n "
+            "JOIN durable_celery.steps w ON w.run_id = n.run_id AND w.seq = n.seq + 1 "
+            "WHERE n.run_id = %s AND n.step = 'nap'", wid)
+        # The database's clock on both sides: the step never starts before it is due.
+        assert (woke - napped).total_seconds() >= 1.0
+        # ...and was not left for the dispatcher's redispatch (60 s) either.
+        assert (woke - napped).total_seconds() < 30
