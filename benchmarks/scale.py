@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from benchmarks.harness import Bench
-from durable_celery.storage import store
+from durable_celery.storage import store, sweeps
 
 SEED_FINISHED = """
 INSERT INTO durable_celery.runs (id, workflow, version, queue, status, step, seq, visit,
@@ -117,17 +117,18 @@ def explain_hot(bench: Bench) -> dict[str, str]:
         "name": "go", "payload": "null", "dedup_key": None, "key": None,
         "workflow": "chain10", "version": 1, "run_queue": None, "priority": 0, "at": None,
         "parent_id": None, "forked_from": None, "app_version": None, "after": 0.0,
-        "ids": [run_id], "hostname": "h", "pid": 1, "nodename": None,
+        "ids": [run_id], "hostname": "h", "pid": 1, "nodename": None, "ahead": 0.025,
+        "lead": 0.05,
     }
     hot = {
         "claim": store.CLAIM, "commit": store.COMMIT, "release": store.RELEASE,
         "wake_from_inbox (park)": store.WAKE_FROM_INBOX, "landed": store.LANDED,
         "start": store.START, "find_conflict": store.FIND_CONFLICT,
         "lock_target (signal)": store.LOCK_TARGET, "insert_signal": store.INSERT_SIGNAL,
-        "dispatch_due": store.DISPATCH_DUE, "expire_awaits": store.EXPIRE_AWAITS,
-        "next_due": store.NEXT_DUE, "reap": store.REAP,
-        "delete_dead_workers": store.DELETE_DEAD_WORKERS, "gc": store.GC,
-        "heartbeat": store.HEARTBEAT, "release_owned": store.RELEASE_OWNED,
+        "dispatch_due": sweeps.DISPATCH_DUE, "expire_awaits": sweeps.EXPIRE_AWAITS,
+        "next_due": sweeps.NEXT_DUE, "reap": sweeps.REAP,
+        "delete_dead_workers": sweeps.DELETE_DEAD_WORKERS, "gc": sweeps.GC,
+        "heartbeat": sweeps.HEARTBEAT, "release_owned": sweeps.RELEASE_OWNED,
         "get_run": store.GET_RUN, "status (wait_result)": store.STATUS,
         "history": store.HISTORY,
     }

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime
@@ -15,7 +16,8 @@ from durable_celery import errors
 from durable_celery.runtime import outcomes
 from durable_celery.runtime.context import Context
 from durable_celery.storage.records import Claim, Dispatch
-from durable_celery.storage.store import CLAIM_AHEAD, TAKE_UP_EARLY, Committed, Transition
+from durable_celery.storage.store import Committed, Transition
+from durable_celery.storage.sweeps import CLAIM_AHEAD, TAKE_UP_EARLY
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
@@ -41,7 +43,7 @@ def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False
         return "bad_message"
     durable._ensure_ready()
     worker_id = durable._identity().ensure()
-    claimed = durable.store.claim(workflow_id, seq, worker_id, ahead=CLAIM_AHEAD)
+    claimed = _claim(durable, workflow_id, seq, worker_id)
     if claimed is None and early:
         resent, claimed = _claim_when_due(durable, workflow_id, seq, worker_id)
         if resent:
@@ -53,6 +55,21 @@ def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False
     if claim.due_in > 0:  # a timer claimed just ahead: start it on the dot, not before
         time.sleep(claim.due_in)
     return run_claimed(durable, claim, worker_id, started_at)
+
+
+def _claim(durable: Durable, workflow_id: str, seq: int, worker_id: str,
+           ) -> tuple[Claim, datetime] | None:
+    lease = uuid.uuid4().hex
+    try:
+        return durable.store.claim(workflow_id, seq, worker_id, ahead=CLAIM_AHEAD, lease=lease)
+    except errors.StorageError as exc:
+        if exc.transient:
+            # The claim may have committed with its answer lost on the way back: the run
+            # would then stay executing under this live process. The heartbeat thread
+            # releases it by this lease once the database answers (a no-op if it never
+            # landed); the message is gone, the dispatcher publishes the run again.
+            durable._identity().orphan_lease(workflow_id, lease)
+        raise
 
 
 EARLY_TRIES = 3
@@ -80,7 +97,7 @@ def _claim_when_due(durable: Durable, workflow_id: str, seq: int, worker_id: str
                                           priority=row.priority, eta=eta))
             return True, None
         time.sleep(max(wait - CLAIM_AHEAD / 2, 0.0))
-        claimed = durable.store.claim(workflow_id, seq, worker_id, ahead=CLAIM_AHEAD)
+        claimed = _claim(durable, workflow_id, seq, worker_id)
         if claimed is not None:
             return False, claimed
     return False, None

@@ -32,20 +32,25 @@ class WorkerIdentity:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._registered = False
-        # Claims whose commit could not reach the database: released by the heartbeat
-        # thread once it can, so the run does not wait for this (live) process to die.
-        self._orphans: list[Claim] = []
+        # Leases (workflow id, lease) this process may hold without knowing how far they
+        # got: a claim whose commit could not reach the database, or a claim whose answer was
+        # lost. The heartbeat thread releases them once the database answers, so the run does
+        # not wait for this (live) process to die; a lease that never landed releases nothing.
+        self._orphans: list[tuple[str, str]] = []
 
     def orphan(self, claim: Claim) -> None:
+        self.orphan_lease(claim.workflow_id, claim.lease)
+
+    def orphan_lease(self, workflow_id: str, lease: str) -> None:
         with self._lock:
-            self._orphans.append(claim)
+            self._orphans.append((workflow_id, lease))
 
     def _release_orphans(self) -> None:
         with self._lock:
             pending, self._orphans = self._orphans, []
-        for index, claim in enumerate(pending):
+        for index, (workflow_id, lease) in enumerate(pending):
             try:
-                self.store.release(claim, after=0.0)
+                self.store.release_lease(workflow_id, lease, after=0.0)
             except Exception:
                 with self._lock:
                     self._orphans.extend(pending[index:])

@@ -21,15 +21,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from durable_celery.storage import migrate
 from durable_celery.storage.records import Dispatch
-
-S = migrate.SCHEMA
-
-
-def _q(sql: str) -> sa.TextClause:
-    return sa.text(sql.replace("{S}", S))
-
+from durable_celery.storage.sql import q as _q
 
 INSERT_CHILDREN = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,

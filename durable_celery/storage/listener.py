@@ -9,7 +9,7 @@ import time
 import psycopg
 from sqlalchemy.engine import make_url
 
-from durable_celery.storage.store import WAKEUP_CHANNEL
+from durable_celery.storage.sql import WAKEUP_CHANNEL
 
 log = logging.getLogger("durable_celery.coordinator")
 

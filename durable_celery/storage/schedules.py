@@ -17,7 +17,9 @@ from typing import Any
 from durable_celery import errors
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import Dispatch
-from durable_celery.storage.store import NOTIFY, Store, _q
+from durable_celery.storage.sql import NOTIFY
+from durable_celery.storage.sql import q as _q
+from durable_celery.storage.store import Store
 
 COLUMNS = ("name, workflow, version, step, queue, cron, timezone, state, catchup, priority, "
            "paused, next_fire_at, last_fired_at, created_at, updated_at")

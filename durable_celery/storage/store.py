@@ -1,4 +1,6 @@
-"""Every SQL statement durable_celery runs, behind one small class.
+"""The statements of a run's life (start, claim, commit, signals, reads), behind one small
+class; the coordinator's and the worker registry's are in ``sweeps``, composition's in
+``composition``, the controls' in ``controls``.
 
 Each state transition is one guarded statement; zero rows back means "lost the race or
 nothing to do", and the caller decides. Locks are always taken in the same order: the run
@@ -7,10 +9,9 @@ row first, then its signals.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from psycopg.rows import dict_row
 
 from durable_celery import errors
-from durable_celery.storage import composition, migrate
+from durable_celery.storage import composition
 from durable_celery.storage.engine import EngineHolder, driver_sql
 from durable_celery.storage.records import (
     TERMINAL,
@@ -28,21 +29,17 @@ from durable_celery.storage.records import (
     SignalResult,
     StepRecord,
 )
-
-S = migrate.SCHEMA
-WAKEUP_CHANNEL = "durable_celery_wakeup"
+from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
+from durable_celery.storage.sql import q as _q
+from durable_celery.storage.sweeps import (
+    SweepStore,
+)
 
 RUN_COLUMNS = (
     "id, workflow, version, status, step, seq, attempt, state, input, result, error, key, "
     "queue, priority, parent_id, eligible_at, await_names, await_deadline, created_at, "
     "updated_at, finished_at, forked_from, children_pending"
 )
-DISPATCH_COLUMNS = "id, workflow, step, seq, queue, priority"
-
-
-def _q(sql: str) -> sa.TextClause:
-    return sa.text(sql.replace("{S}", S))
-
 
 # ---------------------------------------------------------------------------- statements
 
@@ -246,7 +243,6 @@ WHERE w.status IN ('runnable', 'compensating') AND w.owner IS NULL AND NOT w.hel
 LIMIT 10000
 """)
 
-NOTIFY = _q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
 
 # A run released a concurrency key: the next runnable run waiting for it (by priority, then
 # age) becomes due for the dispatcher now (woken by NOTIFY). Waiters are never polled.
@@ -257,24 +253,6 @@ WHERE id = (SELECT id FROM {S}.runs
             ORDER BY priority DESC, eligible_at, created_at, id
             LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id
-""")
-
-# The safety net of HANDOFF: keys that no run executes, whose waiters nobody was sent for
-# ``quiet`` seconds (a cancel or the reaper freed the key): the first waiter is due now.
-WAKE_FREE_KEYS = _q("""
-UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
-WHERE id IN (
-  SELECT DISTINCT ON (w.concurrency_key) w.id FROM {S}.runs AS w
-  WHERE w.status = 'runnable' AND w.concurrency_key IS NOT NULL AND w.eligible_at <= now()
-    AND w.dispatch_at > now()
-    AND NOT EXISTS (SELECT 1 FROM {S}.runs AS e WHERE e.concurrency_key = w.concurrency_key
-                    AND (e.status = 'executing'
-                         OR (e.status = 'compensating' AND e.owner IS NOT NULL)
-                         OR (e.status = 'runnable' AND (e.dispatch_at <= now()
-                             OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
-  ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at, w.id
-  LIMIT :limit
-)
 """)
 
 UNIQUE_VIOLATION = "23505"
@@ -295,187 +273,6 @@ VALUES (:run_id, :name, CAST(:payload AS jsonb), :dedup_key)
 ON CONFLICT ON CONSTRAINT signals_dedup_key DO NOTHING
 RETURNING id
 """)
-
-# --- sweeps
-
-# A timer's message is taken up by the worker TAKE_UP_EARLY seconds before the step is due;
-# any claim may come up to CLAIM_AHEAD seconds early, and the executor sleeps out the rest,
-# so the step starts on the dot, never before (both by the database's clock).
-TAKE_UP_EARLY = 0.01
-CLAIM_AHEAD = 0.025
-
-
-def eta_for(now: float, wait: float | None, lead: float) -> float | None:
-    """When (epoch seconds, this host) a worker should take up a message for a step due in
-    ``wait`` seconds; None: at once. Never more than ``lead`` ahead of ``now``."""
-    if wait is None or wait <= TAKE_UP_EARLY:
-        return None
-    return now + min(wait, lead) - TAKE_UP_EARLY
-
-
-# Rows due within ``:lead`` seconds are published now, each with the seconds it has left
-# (``wait``, made a Celery eta): the worker holds the message and claims just before the due
-# time, so a timer's overshoot is not this statement, the publish and the delivery.
-DISPATCH_DUE = _q("""
-WITH due AS (
-  SELECT id FROM {S}.runs
-  WHERE status IN ('runnable', 'compensating') AND owner IS NULL
-    AND dispatch_at <= now() + make_interval(secs => :lead)
-  ORDER BY priority DESC, dispatch_at
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
-)
-UPDATE {S}.runs AS r SET
-  dispatched_at = now(), dispatch_count = r.dispatch_count + 1, updated_at = now(),
-  dispatch_at = GREATEST(r.eligible_at, now()) + make_interval(secs => LEAST(
-      :redispatch * power(2, LEAST(r.dispatch_count, 30)), :max_backoff))
-FROM due WHERE r.id = due.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
-          EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS wait
-""")
-
-# How long a runnable step at this seq has until it is due (a claim that came early).
-UNTIL_ELIGIBLE = _q("""
-SELECT EXTRACT(EPOCH FROM eligible_at - now())::float8 FROM {S}.runs
-WHERE id = :id AND seq = :seq AND NOT held AND eligible_at > now()
-  AND (status = 'runnable' OR (status = 'compensating' AND owner IS NULL))
-""")
-
-EXPIRE_AWAITS = _q("""
-WITH due AS (
-  SELECT id FROM {S}.runs
-  WHERE status = 'awaiting' AND await_deadline <= now()
-  ORDER BY await_deadline
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
-)
-UPDATE {S}.runs AS r SET
-  status = 'runnable', timed_out = true, await_names = NULL, await_deadline = NULL,
-  await_all = false, eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1, updated_at = now()
-FROM due WHERE r.id = due.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
-""")
-
-NEXT_DUE = _q("""
-SELECT LEAST(
-  (SELECT min(dispatch_at) FROM {S}.runs
-    WHERE status IN ('runnable', 'compensating') AND owner IS NULL),
-  (SELECT min(await_deadline) FROM {S}.runs
-    WHERE status = 'awaiting' AND await_deadline IS NOT NULL)
-) - now()
-""")
-
-# A lost forward step goes back to runnable; after max_recoveries it fails, or starts
-# compensating when completed steps have compensations. A lost compensation runs again;
-# after max_recoveries its error is recorded and the next compensation (or the end) follows.
-REAP = _q("""
-WITH lost AS (
-  SELECT r.id FROM {S}.runs AS r
-  WHERE r.status IN ('executing', 'compensating')
-    -- The claim itself proves the owner was alive then: a worker re-registering after a
-    -- stall is not reaped for claims it made since. (A compensating run waiting for a
-    -- claim has no started_at.)
-    AND r.started_at < now() - make_interval(secs => :stale)
-    AND NOT EXISTS (SELECT 1 FROM {S}.workers AS w
-                    WHERE w.id = r.owner
-                      AND w.heartbeat_at >= now() - make_interval(secs => :stale))
-  LIMIT :limit
-  FOR UPDATE OF r SKIP LOCKED
-), x AS (
-  SELECT r.id, r.recoveries + 1 >= :max_recoveries AS exhausted,
-         r.status = 'compensating' AS comp,
-         jsonb_array_length(r.compensations) AS pending,
-         jsonb_build_object('type', 'WorkerLost',
-                            'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
-                            'worker', r.owner) AS err
-  FROM {S}.runs AS r JOIN lost ON lost.id = r.id
-), y AS (
-  SELECT x.*, CASE
-      WHEN NOT x.exhausted THEN CASE WHEN x.comp THEN 'compensating' ELSE 'runnable' END
-      WHEN NOT x.comp THEN CASE WHEN x.pending > 0 THEN 'compensating' ELSE 'failed' END
-      WHEN x.pending > 1 THEN 'compensating'
-      ELSE 'compensation_failed'
-    END AS new_status,
-    x.exhausted AND x.comp AS comp_failed,
-    CASE WHEN x.exhausted AND x.comp
-         THEN r.compensation_errors || jsonb_build_array(x.err || jsonb_build_object(
-                  'compensation', r.step, 'attempts', r.attempt + 1))
-         ELSE r.compensation_errors END AS errs
-  FROM x JOIN {S}.runs AS r ON r.id = x.id
-)
-UPDATE {S}.runs AS r SET
-  status = y.new_status,
-  finished_at = CASE WHEN y.new_status IN ('failed', 'compensation_failed') THEN now() END,
-  step = CASE
-      WHEN y.exhausted AND NOT y.comp AND y.pending > 0
-        THEN r.compensations -> -1 ->> 'compensation'
-      WHEN y.comp_failed AND y.pending > 1 THEN r.compensations -> -2 ->> 'compensation'
-      ELSE r.step END,
-  compensations = CASE WHEN y.comp_failed THEN r.compensations - (-1) ELSE r.compensations END,
-  compensation_errors = y.errs,
-  failure = CASE WHEN y.exhausted AND NOT y.comp THEN y.err ELSE r.failure END,
-  attempt = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
-                 ELSE r.attempt + 1 END,
-  recoveries = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
-                    ELSE r.recoveries + 1 END,
-  error = CASE WHEN y.new_status = 'compensation_failed' THEN jsonb_build_object(
-                   'type', 'CompensationFailed',
-                   'message', 'compensation failed after: '
-                              || COALESCE(r.failure ->> 'message', 'failure'),
-                   'failure', r.failure, 'compensation_errors', y.errs)
-               ELSE y.err END,
-  owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
-  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1
-FROM y WHERE r.id = y.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status, r.parent_id,
-          r.spawn_seq
-""")
-
-DELETE_DEAD_WORKERS = _q("""
-DELETE FROM {S}.workers
-WHERE heartbeat_at < now() - make_interval(secs => :stale)
-  AND NOT EXISTS (SELECT 1 FROM {S}.runs AS r WHERE r.status IN ('executing', 'compensating')
-                  AND r.owner = workers.id)
-""")
-
-# A finished child whose parent is still live is kept: the parent's next step reads it.
-GC = _q("""
-DELETE FROM {S}.runs WHERE id IN (
-  SELECT r.id FROM {S}.runs AS r
-  WHERE r.finished_at < now() - make_interval(secs => :retention)
-    AND (r.parent_id IS NULL OR NOT EXISTS (
-           SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id AND p.finished_at IS NULL))
-  ORDER BY r.finished_at
-  LIMIT :limit
-  FOR UPDATE SKIP LOCKED
-)
-""")
-
-# --- workers
-
-REGISTER_WORKER = _q("""
-INSERT INTO {S}.workers (id, hostname, pid, nodename) VALUES (:id, :hostname, :pid, :nodename)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
-""")
-
-HEARTBEAT = _q("""
-UPDATE {S}.workers SET heartbeat_at = now()
-FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-WHERE id = :id
-""")
-
-RELEASE_OWNED = _q("""
-UPDATE {S}.runs
-SET status = CASE WHEN status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
-    owner = NULL, lease = NULL, started_at = NULL,
-    updated_at = now(), eligible_at = now(), dispatch_at = now(), dispatched_at = NULL,
-    dispatch_count = 0
-WHERE status IN ('executing', 'compensating') AND owner = :id
-""")
-
-DELETE_WORKER = _q("DELETE FROM {S}.workers WHERE id = :id")
 
 # --- reads
 
@@ -532,16 +329,7 @@ class Committed:
     wakes: tuple[Dispatch, ...] = ()  # children started, parents woken, siblings released
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reaped:
-    """What a reaper pass did: runs to publish again, runs that ended, parents woken."""
-
-    publish: list[Dispatch]
-    failed: int
-    wakes: list[Dispatch]
-
-
-class Store:
+class Store(SweepStore):
     """All database access. Safe to share between threads; engines are per process."""
 
     def __init__(self, holder: EngineHolder, *, redispatch_after: float,
@@ -670,10 +458,10 @@ class Store:
             conn.execute(UNPUBLISHED, {"ids": list(workflow_ids), "after": after})
 
     def claim(self, workflow_id: str, seq: int, owner: str, *, ahead: float = 0.0,
-              ) -> tuple[Claim, datetime] | None:
+              lease: str | None = None) -> tuple[Claim, datetime] | None:
         """Claim the step at ``seq``; ``ahead``: it may be due in up to that many seconds
-        (the claim's ``due_in`` says how many)."""
-        lease = uuid.uuid4().hex
+        (the claim's ``due_in`` says how many). ``lease``: the new lease (default: random)."""
+        lease = lease or uuid.uuid4().hex
         try:
             with self.db.raw() as conn:  # one statement: autocommit, one round trip
                 row = conn.cursor(row_factory=dict_row).execute(CLAIM_SQL, {
@@ -688,8 +476,12 @@ class Store:
         return Claim.from_row(row, lease), row["started_at"]
 
     def release(self, claim: Claim, after: float) -> bool:
+        return self.release_lease(claim.workflow_id, claim.lease, after)
+
+    def release_lease(self, workflow_id: str, lease: str, after: float) -> bool:
+        """Hand a run back to runnable if ``lease`` still holds it (else nothing)."""
         with self.db.connect() as conn:
-            return bool(conn.execute(RELEASE, {"id": claim.workflow_id, "lease": claim.lease,
+            return bool(conn.execute(RELEASE, {"id": workflow_id, "lease": lease,
                                                "after": after}).rowcount)
 
     def commit(self, claim: Claim, transition: Transition, *, worker: str,
@@ -844,103 +636,3 @@ class Store:
             dispatch = Dispatch.from_row(row) if row is not None else None
         return SignalResult(workflow_id=run_id, signal_id=int(signal_id), duplicate=False,
                             woke=dispatch is not None), dispatch
-
-    # ------------------------------------------------------------------ sweeps
-
-    def dispatch_due(self, limit: int, *, lead: float = 0.0) -> list[Dispatch]:
-        """Mark due rows dispatched (and rows due within ``lead`` seconds, with their
-        countdown); the caller publishes them."""
-        with self.db.connect() as conn:
-            rows = conn.execute(DISPATCH_DUE, {
-                "limit": limit, "lead": lead, "redispatch": self.redispatch_after,
-                "max_backoff": self.redispatch_max_backoff}).mappings().all()
-        now = time.time()
-        return [replace(Dispatch.from_row(r), eta=eta_for(now, r["wait"], lead))
-                for r in rows]
-
-    def seconds_until_eligible(self, workflow_id: str, seq: int) -> float | None:
-        """Seconds until the runnable step at ``seq`` is due; None if it is not waiting."""
-        with self.db.connect() as conn:
-            value = conn.execute(UNTIL_ELIGIBLE, {"id": workflow_id, "seq": seq}).scalar()
-        return None if value is None else float(value)
-
-    def wake_free_keys(self, limit: int, *, quiet: float) -> int:
-        with self.db.begin() as conn:
-            return int(conn.execute(WAKE_FREE_KEYS, {"limit": limit, "quiet": quiet}).rowcount)
-
-    def expire_awaits(self, limit: int) -> list[Dispatch]:
-        with self.db.connect() as conn:
-            rows = conn.execute(EXPIRE_AWAITS, {
-                "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
-        return [Dispatch.from_row(r) for r in rows]
-
-    def seconds_to_next_due(self) -> float | None:
-        with self.db.connect() as conn:
-            delta = conn.execute(NEXT_DUE).scalar()
-        return None if delta is None else delta.total_seconds()
-
-    def reap(self, *, stale_after: float, max_recoveries: int, limit: int) -> Reaped:
-        """Return runs of dead workers to runnable (or compensating); the ones that ran out
-        of recoveries end failed and count on their parents."""
-        with self.db.begin() as conn:
-            rows = conn.execute(REAP, {"stale": stale_after, "max_recoveries": max_recoveries,
-                                       "limit": limit, "redispatch": self.redispatch_after,
-                                       }).mappings().all()
-            wakes = composition.children_finished(conn, [
-                composition.Finished(r["parent_id"], r["spawn_seq"]) for r in rows
-                if r["status"] in TERMINAL and r["parent_id"] is not None],
-                redispatch=self.redispatch_after)
-            conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
-        publish = [Dispatch.from_row(r) for r in rows if r["status"] not in TERMINAL]
-        return Reaped(publish=publish, failed=len(rows) - len(publish), wakes=wakes)
-
-    def collect_garbage(self, *, retention_seconds: float, limit: int) -> int:
-        with self.db.begin() as conn:
-            return int(conn.execute(GC, {"retention": retention_seconds,
-                                         "limit": limit}).rowcount)
-
-    # ------------------------------------------------------------------ workers
-
-    def register_worker(self, worker_id: str, *, hostname: str, pid: int,
-                        nodename: str | None) -> None:
-        with self.db.begin() as conn:
-            conn.execute(REGISTER_WORKER, {"id": worker_id, "hostname": hostname, "pid": pid,
-                                           "nodename": nodename})
-
-    def heartbeat(self, worker_id: str) -> bool:
-        """Beat; False when the row is gone (this worker was reaped and must re-register)."""
-        with self.db.connect() as conn:
-            return bool(conn.execute(HEARTBEAT, {"id": worker_id}).rowcount)
-
-    def deregister_worker(self, worker_id: str) -> int:
-        """Release what this worker holds at once and remove its row."""
-        with self.db.begin() as conn:
-            released = conn.execute(RELEASE_OWNED, {"id": worker_id}).rowcount
-            conn.execute(DELETE_WORKER, {"id": worker_id})
-            if released:
-                conn.execute(NOTIFY)
-        return int(released)
-
-    # ------------------------------------------------------------------ test kit
-
-    def collapse_timers(self, *, expire_awaits: bool) -> int:
-        """Make every timer due now (testing.drain)."""
-        sql = "UPDATE {S}.runs SET eligible_at = now(), dispatch_at = now() " \
-              "WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND NOT held " \
-              "AND eligible_at > now()"
-        with self.db.begin() as conn:
-            n = conn.execute(_q(sql)).rowcount
-            if expire_awaits:
-                n += conn.execute(_q(
-                    "UPDATE {S}.runs SET await_deadline = now() "
-                    "WHERE status = 'awaiting' AND await_deadline > now()")).rowcount
-        return int(n)
-
-    def runnable_now(self, limit: int) -> list[Dispatch]:
-        with self.db.connect() as conn:
-            rows = conn.execute(_q(
-                f"SELECT {DISPATCH_COLUMNS} FROM {{S}}.runs "
-                "WHERE status IN ('runnable', 'compensating') AND owner IS NULL AND NOT held "
-                "AND eligible_at <= now() ORDER BY priority DESC, eligible_at LIMIT :limit"),
-                {"limit": limit}).mappings().all()
-        return [Dispatch.from_row(r) for r in rows]

@@ -25,6 +25,7 @@ from durable_celery.errors import NoTarget
 from durable_celery.runtime import executor
 from durable_celery.runtime.executor import execute, run_claimed
 from durable_celery.storage import store as store_mod
+from durable_celery.storage import sweeps as sweeps_mod
 from durable_celery.testing import drain
 from tests.integration.support import (
     Worker,
@@ -480,7 +481,7 @@ def test_a_redelivered_claim_during_the_reclaim_is_dropped_and_the_step_runs_onc
     age_claims(db_engine, DEAD)
     published.clear()
     during: list[str] = []
-    hooks_on(one, monkeypatch).after(store_mod.REAP,
+    hooks_on(one, monkeypatch).after(sweeps_mod.REAP,
                                      lambda: during.append(execute(two, wid, 0)))
 
     assert one.coordinator().reaper.run_once() == 1
@@ -545,7 +546,7 @@ def test_a_late_commit_waiting_on_the_reaper_is_dropped(make_durable, db_engine,
         gate.set()
         wait_for(lambda: lock_waiters(db_engine) >= 1, what="the late commit to block")
 
-    hooks_on(one, monkeypatch).after(store_mod.REAP, wake_the_frozen_worker)
+    hooks_on(one, monkeypatch).after(sweeps_mod.REAP, wake_the_frozen_worker)
     assert one.coordinator().reaper.run_once() == 1
     assert frozen.value() == "lease_lost"
     assert executor.counters["lease_lost"] - lost_before == 1

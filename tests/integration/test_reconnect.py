@@ -101,3 +101,49 @@ def test_a_connection_lost_under_a_claim_is_transient_and_replaced(durable, publ
         assert conn.execute("SELECT 1").fetchone()[0] == 1
     with durable._holder.begin() as conn:  # the pool hands out transactional connections
         assert conn.connection.driver_connection.autocommit is False
+
+
+def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, published, db_engine,
+                                                                monkeypatch):
+    from durable_celery.runtime.executor import execute
+    from tests.integration.support import run_row
+
+    wf = durable.workflow("lost_answer")
+
+    @wf.step
+    def only(ctx):
+        return {"ok": True}
+
+    wid, other = wf.start(), wf.start()
+    real_claim = durable.store.claim
+
+    def lands_then_fails(*args, **kwargs):
+        real_claim(*args, **kwargs)  # committed on the server...
+        raise errors.StorageError("connection lost", transient=True)  # ...answer lost
+
+    monkeypatch.setattr(durable.store, "claim", lands_then_fails)
+    with pytest.raises(errors.StorageError):
+        execute(durable, wid, 0)
+    monkeypatch.setattr(durable.store, "claim", real_claim)
+    row = run_row(db_engine, wid)
+    assert row["status"] == "executing"  # held by this live process, which knows nothing
+    assert row["owner"] == durable._identity().id
+
+    # A claim that failed before landing leaves a lease that releases nothing.
+    def fails(*args, **kwargs):
+        raise errors.StorageError("connection refused", transient=True)
+
+    monkeypatch.setattr(durable.store, "claim", fails)
+    with pytest.raises(errors.StorageError):
+        execute(durable, other, 0)
+    monkeypatch.setattr(durable.store, "claim", real_claim)
+
+    durable._identity()._release_orphans()  # what the heartbeat thread does next
+    row = run_row(db_engine, wid)
+    assert (row["status"], row["owner"], row["lease"]) == ("runnable", None, None)
+    assert run_row(db_engine, other)["status"] == "runnable"
+    published.clear()
+    assert durable.coordinator().dispatcher.run_once() == 1  # re-sent at once
+    assert published.for_run(wid)
+    assert execute(durable, wid, 0) == "committed"
+    assert run_row(db_engine, wid)["status"] == "done"

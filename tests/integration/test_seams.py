@@ -13,7 +13,7 @@ import pytest
 
 from durable_celery import Await, Done, Fail, Next, Retry, Spawn, errors, foreach
 from durable_celery.runtime import executor
-from durable_celery.storage.store import WAKEUP_CHANNEL
+from durable_celery.storage.sql import WAKEUP_CHANNEL
 from durable_celery.testing import drain
 from tests.integration.support import rows, run_row, scalar
 

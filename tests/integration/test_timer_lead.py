@@ -13,7 +13,7 @@ import pytest
 from durable_celery import Done, Sleep, errors, settings
 from durable_celery.runtime import executor
 from durable_celery.runtime.executor import execute
-from durable_celery.storage.store import CLAIM_AHEAD, TAKE_UP_EARLY, eta_for
+from durable_celery.storage.sweeps import CLAIM_AHEAD, TAKE_UP_EARLY, eta_for
 from tests.integration.support import rows, run_row, scalar
 
 

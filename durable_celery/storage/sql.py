@@ -1,0 +1,20 @@
+"""What every module of statements shares: the schema name, ``q()`` and the wake-up NOTIFY."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from durable_celery.storage import migrate
+
+S = migrate.SCHEMA
+WAKEUP_CHANNEL = "durable_celery_wakeup"
+DISPATCH_COLUMNS = "id, workflow, step, seq, queue, priority"
+
+
+def q(sql: str) -> sa.TextClause:
+    """A statement with ``{S}`` naming our schema."""
+    return sa.text(sql.replace("{S}", S))
+
+
+# Wakes every coordinator (LISTEN): a nearer timer, or runs handed back to runnable.
+NOTIFY = q(f"SELECT pg_notify('{WAKEUP_CHANNEL}', '')")
