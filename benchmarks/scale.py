@@ -17,7 +17,7 @@ INSERT INTO durable_celery.runs (id, workflow, version, queue, status, step, seq
     attempt, state, input, result, eligible_at, created_at, updated_at, finished_at)
 SELECT 'seed-' || g, 'chain10', 1, 'seeded', 'done', 's9', 10, 10, 0, '{}', '{}', 'null',
        t, t, t, t
-FROM generate_series(%(lo)s, %(hi)s) AS g,
+FROM generate_series(%(lo)s::int, %(hi)s::int) AS g,
      LATERAL (SELECT now() - interval '1 day' + g * interval '10 microseconds' AS t) AS x
 """
 
@@ -26,7 +26,7 @@ INSERT INTO durable_celery.steps (run_id, seq, step, attempt, outcome, next_step
     started_at, finished_at, worker)
 SELECT 'seed-' || g, s, 's' || (s - 1), 0, CASE WHEN s = 10 THEN 'done' ELSE 'next' END,
        CASE WHEN s < 10 THEN 's' || s END, '{}', NULL, now() - interval '1 day', 'seed'
-FROM generate_series(%(lo)s, %(hi)s) AS g, generate_series(1, %(history)s) AS s
+FROM generate_series(%(lo)s::int, %(hi)s::int) AS g, generate_series(1, %(history)s::int) AS s
 """
 
 # Half wait for a signal (with a deadline), half sleep: both an hour away.
@@ -40,7 +40,7 @@ SELECT 'parked-' || g, CASE WHEN g %% 2 = 0 THEN 'resume' ELSE 'timer' END, 1, '
        CASE WHEN g %% 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
        CASE WHEN g %% 2 = 0 THEN ARRAY['go'] END,
        CASE WHEN g %% 2 = 0 THEN now() + interval '1 hour' END
-FROM generate_series(1, %(n)s) AS g
+FROM generate_series(1, %(n)s::int) AS g
 ON CONFLICT DO NOTHING
 """
 
@@ -118,7 +118,7 @@ def explain_hot(bench: Bench) -> dict[str, str]:
         "workflow": "chain10", "version": 1, "run_queue": None, "priority": 0, "at": None,
         "parent_id": None, "forked_from": None, "app_version": None, "after": 0.0,
         "ids": [run_id], "hostname": "h", "pid": 1, "nodename": None, "ahead": 0.025,
-        "lead": 0.05,
+        "lead": 0.05, "await_all": False, "children_pending": 0,
     }
     hot = {
         "claim": store.CLAIM, "commit": store.COMMIT, "release": store.RELEASE,
@@ -136,7 +136,9 @@ def explain_hot(bench: Bench) -> dict[str, str]:
     with holder.begin() as conn:
         for name, statement in hot.items():
             text = sa.text("EXPLAIN (COSTS OFF) " + statement.text)
-            rows = conn.execute(text, p).all()
+            # Parameters not named above (the compensation stack, a failure...) are NULL.
+            params = {**dict.fromkeys(statement.compile().params), **p}
+            rows = conn.execute(text, params).all()
             plans[name] = "\n".join(r[0] for r in rows)
         conn.rollback()
     return plans

@@ -35,3 +35,23 @@ def test_quick_latency_benchmark_runs(admin_url: str, redis_url: str, tmp_path: 
                                                 / record["theirs"]["median"])
     assert "ours/theirs" in done.stdout
     assert not [r for r in records if r["kind"] == "error"]
+
+
+def test_small_scale_benchmark_explains_every_hot_statement(admin_url: str, redis_url: str,
+                                                            tmp_path: Path) -> None:
+    # The EXPLAIN of benchmark 6 runs every hot statement with made-up parameters: a
+    # statement that gains a parameter must not break it (it did once, unnoticed).
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "scale", "--quick",
+         "--scale-rows", "2000", "--scale-history", "2", "--scale-parked", "200",
+         "--database-url", admin_url, "--redis-url", redis_url, "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=200, check=False)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    [plans] = [r for r in records if r["kind"] == "plans"]
+    assert {"claim", "commit", "dispatch_due", "reap", "gc"} <= set(plans["plans"])
+    assert all(plan.strip() for plan in plans["plans"].values())
+    [result] = [r for r in records if r["kind"] == "result"]
+    assert result["benchmark"] == "scale" and result["ours"]["median"] > 0
