@@ -50,6 +50,10 @@ class Settings:
             raise errors.ConfigurationError(
                 f"timer_lead must be between 0 and {MAX_TIMER_LEAD:.0f} seconds, "
                 f"got {self.timer_lead!r}")
+        if self.timer_lead >= self.redispatch_after:
+            raise errors.ConfigurationError(
+                f"timer_lead ({self.timer_lead}) must be less than redispatch_after "
+                f"({self.redispatch_after}), or a timer would be published twice")
         if self.stale_after < 2 * self.heartbeat_interval:
             raise errors.ConfigurationError(
                 f"stale_after ({self.stale_after}) must be at least twice heartbeat_interval "

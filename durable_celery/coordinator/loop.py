@@ -81,8 +81,6 @@ class Coordinator:
             cron_done, cron_due = self._cron_pass()
             done += cron_done
             due = self.dispatcher.seconds_to_next()
-            if due is not None:  # timers are published timer_lead ahead (with a countdown)
-                due -= self.durable.settings.timer_lead
             wait = min(interval, self._next_reap - time.monotonic())
             for nearest in (due, cron_due):
                 if nearest is not None:

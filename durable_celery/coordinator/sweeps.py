@@ -42,7 +42,8 @@ class Dispatcher:
         return done
 
     def seconds_to_next(self) -> float | None:
-        return self.durable.store.seconds_to_next_due()
+        """Seconds until the next pass has work (a timer counts ``timer_lead`` early)."""
+        return self.durable.store.seconds_to_next_due(lead=self.durable.settings.timer_lead)
 
 
 class Reaper:

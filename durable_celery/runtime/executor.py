@@ -52,8 +52,6 @@ def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False
         counters["stale"] += 1
         return "stale"
     claim, started_at = claimed
-    if claim.due_in > 0:  # a timer claimed just ahead: start it on the dot, not before
-        time.sleep(claim.due_in)
     return run_claimed(durable, claim, worker_id, started_at)
 
 
@@ -67,8 +65,8 @@ def _claim(durable: Durable, workflow_id: str, seq: int, worker_id: str,
             # The claim may have committed with its answer lost on the way back: the run
             # would then stay executing under this live process. The heartbeat thread
             # releases it by this lease once the database answers (a no-op if it never
-            # landed); the message is gone, the dispatcher publishes the run again.
-            durable._identity().orphan_lease(workflow_id, lease)
+            # landed). Either way the message is gone: the run is then published again.
+            durable._identity().orphan_lease(workflow_id, lease, resend=True)
         raise
 
 
@@ -82,12 +80,11 @@ def _claim_when_due(durable: Durable, workflow_id: str, seq: int, worker_id: str
     host's clock runs ahead of it, or the eta fired a little early): wait out a short
     remainder and claim; send a long one again with that countdown. Returns (sent again,
     the claim)."""
-    lead = durable.settings.timer_lead
     for _ in range(EARLY_TRIES):
         wait = durable.store.seconds_until_eligible(workflow_id, seq)
         if wait is None:
             return False, None  # due now (the claim lost for another reason), or not runnable
-        if wait > 2 * lead + CLAIM_AHEAD:
+        if wait > 4 * CLAIM_AHEAD:  # never hold a pool slot long: send it again for later
             counters["early"] += 1
             row = durable.store.get(workflow_id)
             if row is not None and row.seq == seq:
@@ -112,6 +109,13 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
     """
     holder = [claim]
     try:
+        if claim.due_in > 0:
+            # A timer claimed just ahead of its due time: start it on the dot, never before,
+            # and not at all if it was cancelled (or released) meanwhile.
+            time.sleep(claim.due_in)
+            if not durable.store.holds(claim.workflow_id, claim.lease):
+                counters["lease_lost"] += 1
+                return "lease_lost"
         return _run_claimed(durable, holder, worker_id, started_at)
     except BaseException:
         counters["abandoned"] += 1

@@ -36,21 +36,24 @@ class WorkerIdentity:
         # got: a claim whose commit could not reach the database, or a claim whose answer was
         # lost. The heartbeat thread releases them once the database answers, so the run does
         # not wait for this (live) process to die; a lease that never landed releases nothing.
-        self._orphans: list[tuple[str, str]] = []
+        # ``resend``: the run's message was consumed by the failed claim, so a run the lease
+        # never held is marked for the dispatcher's next pass instead of its redispatch.
+        self._orphans: list[tuple[str, str, bool]] = []
 
     def orphan(self, claim: Claim) -> None:
         self.orphan_lease(claim.workflow_id, claim.lease)
 
-    def orphan_lease(self, workflow_id: str, lease: str) -> None:
+    def orphan_lease(self, workflow_id: str, lease: str, *, resend: bool = False) -> None:
         with self._lock:
-            self._orphans.append((workflow_id, lease))
+            self._orphans.append((workflow_id, lease, resend))
 
     def _release_orphans(self) -> None:
         with self._lock:
             pending, self._orphans = self._orphans, []
-        for index, (workflow_id, lease) in enumerate(pending):
+        for index, (workflow_id, lease, resend) in enumerate(pending):
             try:
-                self.store.release_lease(workflow_id, lease, after=0.0)
+                if not self.store.release_lease(workflow_id, lease, after=0.0) and resend:
+                    self.store.mark_unpublished([workflow_id], after=0.0)
             except Exception:
                 with self._lock:
                     self._orphans.extend(pending[index:])

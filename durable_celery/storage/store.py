@@ -90,7 +90,8 @@ WHERE id = ANY(CAST(:ids AS text[]))
 
 UNPUBLISHED = _q("""
 UPDATE {S}.runs SET dispatch_at = now() + make_interval(secs => :after), dispatched_at = NULL
-WHERE id = ANY(CAST(:ids AS text[])) AND status = 'runnable'
+WHERE id = ANY(CAST(:ids AS text[]))
+  AND (status = 'runnable' OR (status = 'compensating' AND owner IS NULL))
 """)
 
 # A compensating run keeps its status while a compensation executes (the owner tells).
@@ -114,7 +115,8 @@ WHERE r.id = :id AND r.seq = :seq AND NOT r.held
         SELECT 1 FROM {S}.runs AS e
         WHERE e.concurrency_key = r.concurrency_key AND e.id <> r.id
           AND (e.status = 'executing' OR (e.status = 'compensating' AND e.owner IS NOT NULL)
-               OR (e.status = 'runnable' AND e.eligible_at <= now() AND NOT e.held
+               OR (e.status = 'runnable' AND NOT e.held
+                   AND e.eligible_at <= now() + make_interval(secs => :ahead)
                    AND (e.priority > r.priority
                         OR (e.priority = r.priority
                             AND (e.eligible_at, e.created_at, e.id)

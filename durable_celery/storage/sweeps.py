@@ -50,6 +50,12 @@ RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
           EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS wait
 """)
 
+# Does this lease still hold the run (a claim taken ahead of the due time, before its step)?
+HOLDS = _q("""
+SELECT 1 FROM {S}.runs
+WHERE id = :id AND lease = :lease AND (status = 'executing' OR status = 'compensating')
+""")
+
 # How long a runnable step at this seq has until it is due (a claim that came early).
 UNTIL_ELIGIBLE = _q("""
 SELECT EXTRACT(EPOCH FROM eligible_at - now())::float8 FROM {S}.runs
@@ -73,10 +79,13 @@ FROM due WHERE r.id = due.id
 RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
 """)
 
+# When the dispatcher has work next: a timer ``:lead`` seconds before it is due (it is
+# published that far ahead), an await deadline when it passes.
 NEXT_DUE = _q("""
 SELECT LEAST(
   (SELECT min(dispatch_at) FROM {S}.runs
-    WHERE status IN ('runnable', 'compensating') AND owner IS NULL),
+    WHERE status IN ('runnable', 'compensating') AND owner IS NULL)
+    - make_interval(secs => :lead),
   (SELECT min(await_deadline) FROM {S}.runs
     WHERE status = 'awaiting' AND await_deadline IS NOT NULL)
 ) - now()
@@ -186,7 +195,9 @@ RELEASE_OWNED = _q("""
 UPDATE {S}.runs
 SET status = CASE WHEN status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
     owner = NULL, lease = NULL, started_at = NULL,
-    updated_at = now(), eligible_at = now(), dispatch_at = now(), dispatched_at = NULL,
+    -- A run claimed just ahead of its due time stays due then (never earlier).
+    updated_at = now(), eligible_at = GREATEST(eligible_at, now()), dispatch_at = now(),
+    dispatched_at = NULL,
     dispatch_count = 0
 WHERE status IN ('executing', 'compensating') AND owner = :id
 """)
@@ -247,6 +258,11 @@ class SweepStore:
             value = conn.execute(UNTIL_ELIGIBLE, {"id": workflow_id, "seq": seq}).scalar()
         return None if value is None else float(value)
 
+    def holds(self, workflow_id: str, lease: str) -> bool:
+        """True while ``lease`` holds the run (not cancelled, released or reclaimed)."""
+        with self.db.connect() as conn:
+            return conn.execute(HOLDS, {"id": workflow_id, "lease": lease}).first() is not None
+
     def wake_free_keys(self, limit: int, *, quiet: float) -> int:
         with self.db.begin() as conn:
             return int(conn.execute(WAKE_FREE_KEYS, {"limit": limit, "quiet": quiet}).rowcount)
@@ -257,9 +273,10 @@ class SweepStore:
                 "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
         return [Dispatch.from_row(r) for r in rows]
 
-    def seconds_to_next_due(self) -> float | None:
+    def seconds_to_next_due(self, *, lead: float = 0.0) -> float | None:
+        """Seconds until the dispatcher has work (timers count ``lead`` seconds early)."""
         with self.db.connect() as conn:
-            delta = conn.execute(NEXT_DUE).scalar()
+            delta = conn.execute(NEXT_DUE, {"lead": lead}).scalar()
         return None if delta is None else delta.total_seconds()
 
     def reap(self, *, stale_after: float, max_recoveries: int, limit: int) -> Reaped:

@@ -53,11 +53,12 @@ def test_timers_published_ahead_start_on_time_and_never_early(e2e: Harness) -> N
     for wid in runs:
         e2e.wait_status(wid, "awaiting", timeout=30)
     for wid in runs:
+        # The nap's commit made the next step due 1 s after its own transaction time; the
+        # next step's first effect carries the database's clock when the step ran.
         [(napped, woke)] = e2e.db.rows(
-            "SELECT n.finished_at, w.started_at FROM durable_celery.steps n "
-            "JOIN durable_celery.steps w ON w.run_id = n.run_id AND w.seq = n.seq + 1 "
+            "SELECT n.finished_at, e.at FROM durable_celery.steps n "
+            "JOIN public.e2e_effects e ON e.workflow_id = n.run_id AND e.step = 'wait_go' "
             "WHERE n.run_id = %s AND n.step = 'nap'", wid)
-        # The database's clock on both sides: the step never starts before it is due.
-        assert (woke - napped).total_seconds() >= 1.0
-        # ...and was not left for the dispatcher's redispatch (60 s) either.
+        assert (woke - napped).total_seconds() >= 1.0  # never before it is due
+        # ...and not left for the dispatcher's redispatch (60 s) either.
         assert (woke - napped).total_seconds() < 30
