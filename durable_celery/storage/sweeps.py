@@ -17,7 +17,7 @@ from durable_celery.storage.sql import q as _q
 # A timer's message is taken up by the worker TAKE_UP_EARLY seconds before the step is due;
 # any claim may come up to CLAIM_AHEAD seconds early, and the executor sleeps out the rest,
 # so the step starts on the dot, never before (both by the database's clock).
-TAKE_UP_EARLY = 0.01
+TAKE_UP_EARLY = 0.015
 CLAIM_AHEAD = 0.025
 
 
