@@ -175,17 +175,21 @@ def test_the_coordinator_wakes_a_lead_early_for_timers_but_not_for_await_deadlin
     assert dispatcher.seconds_to_next() == pytest.approx(1.5, abs=0.3)  # 2 s less the lead
 
 
-def test_a_claim_just_before_the_due_time_starts_the_step_on_the_dot(make_durable, recorder,
-                                                                     db_engine):
+def napping_until_claimable(make_durable, recorder, db_engine, started):
+    """A run whose next step is due within CLAIM_AHEAD (an ordinary claim may take it)."""
     durable = make_durable(timer_lead=0.5)
     recorder(durable)
-    started: list[float] = []
-    wf = declare(durable, 0.3, started)
-    wid = wf.start()
+    wid = declare(durable, 0.3, started).start()
     assert execute(durable, wid, 0) == "committed"
-    # An ordinary message: the claim is taken within CLAIM_AHEAD of the due time.
     while due_in(db_engine, wid) > CLAIM_AHEAD * 0.8:
         time.sleep(0.002)
+    return durable, wid
+
+
+def test_a_claim_just_before_the_due_time_starts_the_step_on_the_dot(make_durable, recorder,
+                                                                     db_engine):
+    started: list[float] = []
+    durable, wid = napping_until_claimable(make_durable, recorder, db_engine, started)
     due = run_row(db_engine, wid)["eligible_at"]
     assert execute(durable, wid, 1) == "committed"
     [_, woke] = rows(db_engine, "SELECT step, started_at FROM {S}.steps WHERE run_id = :id "
@@ -196,14 +200,8 @@ def test_a_claim_just_before_the_due_time_starts_the_step_on_the_dot(make_durabl
 
 def test_a_run_cancelled_while_its_early_claim_waits_does_not_run_the_step(
         make_durable, recorder, db_engine):
-    durable = make_durable(timer_lead=0.5)
-    recorder(durable)
     started: list[float] = []
-    wf = declare(durable, 0.3, started)
-    wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
-    while due_in(db_engine, wid) > CLAIM_AHEAD * 0.8:
-        time.sleep(0.002)
+    durable, wid = napping_until_claimable(make_durable, recorder, db_engine, started)
     real_claim = durable.store.claim
 
     def claim_then_cancel(*args, **kwargs):
