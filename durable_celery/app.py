@@ -237,7 +237,8 @@ class Durable:
     def _start(self, wf: Workflow, state: Any, *, workflow_id: str | None, key: str | None,
                delay: float | None, at: datetime | None, queue: str | None,
                priority: int | None = None, concurrency_key: str | None = None,
-               connection: Any = None, what: str = "state") -> str:
+               connection: Any = None, what: str = "state",
+               key_reuse: str | None = None) -> str:
         if self._workflows.get((wf.name, wf.version)) is not wf:
             raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
         first = wf.first
@@ -249,6 +250,7 @@ class Durable:
             check_identifier(key, "key")
         if concurrency_key is not None:
             check_identifier(concurrency_key, "concurrency_key")
+        policy = check_key_reuse(key_reuse, self.settings.key_reuse)
         prio = check_priority(priority)
         if queue is not None:
             check_name(queue, "queue")
@@ -264,7 +266,7 @@ class Durable:
             "workflow": wf.name, "version": wf.version, "step": first.name,
             "queue": wf.queue_for(first, queue), "run_queue": queue, "state": text, "key": key,
             "delay": float(delay or 0.0), "at": at, "priority": prio,
-            "concurrency_key": concurrency_key}
+            "concurrency_key": concurrency_key, "key_reuse": policy}
         dispatch = Dispatch(workflow_id="", workflow=wf.name, step=first.name, seq=0,
                             queue=wf.queue_for(first, queue), priority=prio)
         if bound is None:
@@ -287,7 +289,7 @@ class Durable:
 
     def _start_many(self, wf: Workflow, states: Any, *, keys: Any, workflow_ids: Any,
                     delay: float | None, at: datetime | None, queue: str | None,
-                    on_conflict: str) -> list[str]:
+                    on_conflict: str, key_reuse: str | None = None) -> list[str]:
         if self._workflows.get((wf.name, wf.version)) is not wf:
             raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
         first = wf.first
@@ -302,6 +304,7 @@ class Durable:
                                        max_bytes=self.settings.max_payload_bytes)
                  for i, st in enumerate(items)]
         key_list = _batch_identifiers(keys, "keys", len(items))
+        policy = check_key_reuse(key_reuse, self.settings.key_reuse)
         id_list = _batch_identifiers(workflow_ids, "workflow_ids", len(items))
         if queue is not None:
             check_name(queue, "queue")
@@ -318,7 +321,8 @@ class Durable:
         run_ids, new, publish = self.store.start_many(
             workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
             run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
-            delay=float(delay or 0.0), at=at, existing=on_conflict == "existing")
+            delay=float(delay or 0.0), at=at, existing=on_conflict == "existing",
+            key_reuse=policy)
         if publish:
             self._publish_many([Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name,
                                          seq=0, queue=target_queue, priority=0)
@@ -536,6 +540,16 @@ class Durable:
         """Release this process's worker row and database connections."""
         self._release_identity()
         self._holder.dispose()
+
+
+def check_key_reuse(value: Any, default: str) -> str:
+    """A start's key reuse policy: ``value``, else ``default`` (the ``key_reuse`` setting)."""
+    if value is None:
+        return default
+    if value not in settings_mod.KEY_REUSE:
+        raise errors.InvalidArgument(
+            f"key_reuse must be one of {list(settings_mod.KEY_REUSE)}, got {value!r}"[:300])
+    return str(value)
 
 
 def check_priority(priority: Any) -> int:

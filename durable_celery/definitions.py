@@ -140,6 +140,7 @@ class ChildSpec:
     key: str | None = None
     workflow_id: str | None = None
     queue: str | None = None
+    key_reuse: str | None = None    # None: the key_reuse setting
 
 
 def check_concurrency(value: Any) -> int | None:
@@ -453,10 +454,10 @@ class Workflow:
                 f"compensation: {missing}; declare them with @wf.compensation")
 
     def child(self, state: Any = KEEP, key: str | None = None, workflow_id: str | None = None,
-              *, queue: str | None = None) -> ChildSpec:
+              *, queue: str | None = None, key_reuse: str | None = None) -> ChildSpec:
         """A child run of this workflow, for ``Spawn``. ``state`` defaults to a copy of the
-        parent's state; ``key`` and ``workflow_id`` work as in ``start``."""
-        from durable_celery.app import check_identifier
+        parent's state; ``key``, ``key_reuse`` and ``workflow_id`` work as in ``start``."""
+        from durable_celery.app import check_identifier, check_key_reuse
 
         if state is not KEEP:
             payloads.check_object(state, what="child state", max_bytes=SPEC_MAX_BYTES)
@@ -466,7 +467,10 @@ class Workflow:
             check_identifier(workflow_id, "workflow_id")
         if queue is not None:
             check_name(queue, "queue")
-        return ChildSpec(target=self, state=state, key=key, workflow_id=workflow_id, queue=queue)
+        if key_reuse is not None:
+            check_key_reuse(key_reuse, "reject")
+        return ChildSpec(target=self, state=state, key=key, workflow_id=workflow_id, queue=queue,
+                         key_reuse=key_reuse)
 
     # -- lookups
 
@@ -509,10 +513,14 @@ class Workflow:
     def start(self, state: Any = None, *, workflow_id: str | None = None, key: str | None = None,
               delay: float | None = None, at: datetime | None = None,
               queue: str | None = None, priority: int | None = None,
-              concurrency_key: str | None = None, connection: Any = None) -> str:
+              concurrency_key: str | None = None, connection: Any = None,
+              key_reuse: str | None = None) -> str:
         """Start a run and return its workflow_id.
 
-        ``key`` is a business key unique among live runs (and a signal address);
+        ``key`` is a business key (and a signal address): one run per key. ``key_reuse``
+        says whether a finished run gives its key back: ``"reject"`` (the default setting:
+        never, while the finished run is retained), ``"after_failure"`` (only if it did not
+        end ``done``) or ``"after_finish"`` (at any end);
         ``delay`` (seconds) or ``at`` (an aware datetime) start it later, durably.
         ``priority`` 0..9 (9 first) orders the broker queue and the coordinator's sweeps.
         ``concurrency_key``: at most one run per key executes a step at a time.
@@ -523,7 +531,8 @@ class Workflow:
         self.check()
         return self.durable._start(self, state, workflow_id=workflow_id, key=key, delay=delay,
                                    at=at, queue=queue, priority=priority,
-                                   concurrency_key=concurrency_key, connection=connection)
+                                   concurrency_key=concurrency_key, connection=connection,
+                                   key_reuse=key_reuse)
 
     def schedule(self, name: str, cron: str, *, timezone: str = "UTC", state: Any = None,
                  catchup: str = "latest", priority: int | None = None) -> Any:
@@ -534,7 +543,8 @@ class Workflow:
     def start_many(self, states: Iterable[Any], *, keys: Iterable[str | None] | None = None,
                    workflow_ids: Iterable[str | None] | None = None, delay: float | None = None,
                    at: datetime | None = None, queue: str | None = None,
-                   on_conflict: Literal["raise", "existing"] = "raise") -> list[str]:
+                   on_conflict: Literal["raise", "existing"] = "raise",
+                   key_reuse: str | None = None) -> list[str]:
         """Start one run per item of ``states`` in one transaction; returns their
         workflow_ids in order.
 
@@ -546,7 +556,7 @@ class Workflow:
         """
         return self.durable._start_many(self, states, keys=keys, workflow_ids=workflow_ids,
                                         delay=delay, at=at, queue=queue,
-                                        on_conflict=on_conflict)
+                                        on_conflict=on_conflict, key_reuse=key_reuse)
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name} v{self.version} steps={list(self.steps)}>"

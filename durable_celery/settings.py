@@ -15,6 +15,8 @@ from durable_celery import errors
 MAX_DURATION = 100 * 366 * 24 * 3600.0  # seconds: beyond this, Postgres intervals overflow
 MAX_COUNT = 2**31 - 1
 MAX_TIMER_LEAD = 5.0  # seconds a due timer's message may be published ahead (with an eta)
+# What a finished run does to its business key (see docs/guide.md, "Business keys").
+KEY_REUSE = ("reject", "after_failure", "after_finish")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +38,8 @@ class Settings:
     run_ahead_limit: int = 100
     coordinator: bool = True
     pool_size: int = 4
+    key_reuse: str = "reject"
+    early_signal_ttl: float = 600.0
 
     def __post_init__(self) -> None:
         positive = ("heartbeat_interval", "stale_after", "sweep_interval", "redispatch_after",
@@ -54,6 +58,14 @@ class Settings:
             raise errors.ConfigurationError(
                 f"timer_lead ({self.timer_lead}) must be less than redispatch_after "
                 f"({self.redispatch_after}), or a timer would be published twice")
+        if self.key_reuse not in KEY_REUSE:
+            raise errors.ConfigurationError(
+                f"key_reuse must be one of {list(KEY_REUSE)}, got {self.key_reuse!r}"[:300])
+        if not (isinstance(self.early_signal_ttl, float) and math.isfinite(self.early_signal_ttl)
+                and 0 <= self.early_signal_ttl <= MAX_DURATION):
+            raise errors.ConfigurationError(
+                f"early_signal_ttl must be between 0 and {MAX_DURATION:.0f} seconds, "
+                f"got {self.early_signal_ttl!r}")
         if self.stale_after < 2 * self.heartbeat_interval:
             raise errors.ConfigurationError(
                 f"stale_after ({self.stale_after}) must be at least twice heartbeat_interval "

@@ -77,12 +77,15 @@ def register_tasks(durable: Durable) -> None:
 
     @app.task(name="durable_celery.start", **TASK_OPTIONS)
     def start_task(self: Any, workflow: Any = None, state: Any = None, key: Any = None,
-                   workflow_id: Any = None, version: Any = None) -> str | None:
-        if workflow_id is None and key is None and self.request.id:
+                   workflow_id: Any = None, version: Any = None,
+                   key_reuse: Any = None) -> str | None:
+        # The message id names the run unless the sender did: a redelivered message finds
+        # its run, also after that run finished (its key may be free again by then).
+        if workflow_id is None and self.request.id:
             workflow_id = str(self.request.id)
         try:
             wf = durable.get_definition(workflow, version)
-            return wf.start(state, key=key, workflow_id=workflow_id)
+            return wf.start(state, key=key, workflow_id=workflow_id, key_reuse=key_reuse)
         except errors.DuplicateWorkflow as exc:
             # Idempotent by key / id: the run the caller meant already exists.
             log.info("durable_celery.start: %s", exc)

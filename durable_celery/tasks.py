@@ -185,9 +185,11 @@ class DurableTask:
                     eta: Any = None, queue: str | None = None, key: str | None = None,
                     workflow_id: str | None = None, task_id: str | None = None,
                     priority: int | None = None, concurrency_key: str | None = None,
-                    connection: Any = None, **options: Any) -> TaskHandle:
+                    connection: Any = None, key_reuse: str | None = None,
+                    **options: Any) -> TaskHandle:
         """Start a durable run. ``countdown`` (seconds) / ``eta`` (a datetime; naive means
-        UTC) become a durable timer: no broker message and no worker holds it meanwhile."""
+        UTC) become a durable timer: no broker message and no worker holds it meanwhile.
+        ``key`` / ``key_reuse``: a business key, as in ``Workflow.start``."""
         unknown = set(options) - IGNORED_CALL_OPTIONS
         if unknown:
             raise errors.InvalidArgument(
@@ -220,7 +222,7 @@ class DurableTask:
             {"args": list(args), "kwargs": kwargs}, workflow_id=workflow_id or task_id,
             key=key, delay=delay, at=at, queue=queue,
             priority=self.priority if priority is None else priority,
-            concurrency_key=concurrency_key, connection=connection)
+            concurrency_key=concurrency_key, connection=connection, key_reuse=key_reuse)
         return TaskHandle(self.durable, wid)
 
     def schedule(self, name: str, cron: str, *, args: Any = (), kwargs: Any = None,

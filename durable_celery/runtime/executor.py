@@ -160,7 +160,7 @@ def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_
             and not claim.compensating,
             compensating=claim.compensating, compensations=claim.compensations,
             compensation_errors=claim.compensation_errors, failure=claim.failure,
-            single_step=claim.single_step,
+            single_step=claim.single_step, key_reuse=settings.key_reuse,
         )
         transition = _run_step(durable, visit, claim)
         try:

@@ -51,6 +51,7 @@ class Visit:
     compensation_errors: tuple[Any, ...] = ()
     failure: Any = None            # the failure that started compensating
     single_step: bool = False      # a child of a step function: this step is the last
+    key_reuse: str = "reject"      # the key_reuse setting (children with a key)
 
     def after(self) -> Step | None:
         """The step a plain return goes to (None: the run is done)."""
@@ -330,6 +331,7 @@ def _children(v: Visit, spawn: Spawn, parent_state: str) -> tuple[str, int]:
         head = {"id": workflow_id, "workflow": wf.name, "version": wf.version,
                 "queue": wf.queue_for(step, spec.queue), "run_queue": spec.queue,
                 "step": step.name, "key": spec.key, "idx": index,
+                "key_reuse": spec.key_reuse or v.key_reuse,
                 "held": cap is not None and index >= cap,
                 "single": not isinstance(spec.target, Workflow)}
         parts.append(json.dumps(head)[:-1] + ', "state": ' + state + "}")

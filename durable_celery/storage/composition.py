@@ -27,16 +27,18 @@ from durable_celery.storage.sql import q as _q
 INSERT_CHILDREN = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
                       input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
-                      parent_id, child_index, spawn_seq, held, single_step, app_version)
+                      parent_id, child_index, spawn_seq, held, single_step, app_version,
+                      key_reuse)
 SELECT c.id, c.workflow, c.version, c.queue, c.run_queue, :priority, 'runnable', c.step,
        c.state, c.state, c.key, now(),
        CASE WHEN c.held THEN NULL ELSE now() + make_interval(secs => :redispatch) END,
        CASE WHEN c.held THEN NULL ELSE now() END,
        CASE WHEN c.held THEN 0 ELSE 1 END,
-       :parent_id, c.idx, :spawn_seq, c.held, c.single, :app_version
+       :parent_id, c.idx, :spawn_seq, c.held, c.single, :app_version,
+       COALESCE(c.key_reuse, 'reject')
 FROM jsonb_to_recordset(CAST(:children AS jsonb))
      AS c(id text, workflow text, version integer, queue text, run_queue text, step text,
-          state jsonb, key text, idx integer, held boolean, single boolean)
+          state jsonb, key text, idx integer, held boolean, single boolean, key_reuse text)
 ORDER BY c.idx
 RETURNING id, workflow, step, seq, queue, priority, held
 """)

@@ -77,6 +77,13 @@ runs = sa.Table(
     sa.Column("compensation_errors", postgresql.JSONB, nullable=False,
               server_default=sa.text("'[]'::jsonb")),
     sa.Column("failure", postgresql.JSONB, nullable=True),
+    # migration 5: the edges
+    sa.Column("key_reuse", sa.Text, nullable=False, server_default=sa.text("'reject'::text")),
+    sa.Column("cancelled_from", sa.Text, nullable=True),
+    sa.Column("spawn_cap", sa.Integer, nullable=True),
+    sa.Column("spawn_owed", sa.Integer, nullable=False, server_default=ZERO),
+    sa.CheckConstraint("key_reuse IN ('reject', 'after_failure', 'after_finish')",
+                       name="runs_key_reuse_check"),
     sa.CheckConstraint(
         "status IN (" + ", ".join(f"'{s}'" for s in RUN_STATUSES) + ")",
         name="runs_status_check",
@@ -90,8 +97,10 @@ sa.Index("runs_owner_idx", runs.c.owner,
          postgresql_where=sa.text("status = ANY (ARRAY['executing', 'compensating'])"))
 sa.Index("runs_deadline_idx", runs.c.await_deadline,
          postgresql_where=sa.text("status = 'awaiting' AND await_deadline IS NOT NULL"))
-sa.Index("runs_live_key_idx", runs.c.key, unique=True,
-         postgresql_where=sa.text("key IS NOT NULL AND finished_at IS NULL"))
+sa.Index("runs_key_idx", runs.c.key, unique=True,
+         postgresql_where=sa.text("key IS NOT NULL AND (finished_at IS NULL OR "
+                                  "key_reuse = 'reject' OR "
+                                  "(key_reuse = 'after_failure' AND status = 'done'))"))
 sa.Index("runs_parent_idx", runs.c.parent_id,
          postgresql_where=sa.text("parent_id IS NOT NULL"))
 sa.Index("runs_finished_idx", runs.c.finished_at,
@@ -101,7 +110,9 @@ sa.Index("runs_concurrency_key_idx", runs.c.concurrency_key, unique=True,
          postgresql_where=sa.text("concurrency_key IS NOT NULL AND (status = 'executing' "
                                   "OR (status = 'compensating' AND owner IS NOT NULL))"))
 sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, runs.c.eligible_at,
-         postgresql_where=sa.text("status = 'runnable' AND concurrency_key IS NOT NULL"))
+         postgresql_where=sa.text("concurrency_key IS NOT NULL AND (status = 'runnable' "
+                                  "OR (status = 'compensating' AND owner IS NULL))"))
+sa.Index("runs_spawn_owed_idx", runs.c.id, postgresql_where=sa.text("spawn_owed > 0"))
 sa.Index("runs_held_idx", runs.c.parent_id, runs.c.child_index, postgresql_where=sa.text("held"))
 
 steps = sa.Table(
@@ -185,3 +196,17 @@ schedules = sa.Table(
 )
 
 sa.Index("schedules_due_idx", schedules.c.next_fire_at, postgresql_where=sa.text("NOT paused"))
+
+early_signals = sa.Table(
+    "early_signals", metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("payload", postgresql.JSONB, nullable=True),
+    sa.Column("dedup_key", sa.Text, nullable=True),
+    sa.Column("created_at", TIMESTAMPTZ, nullable=False, server_default=NOW),
+    sa.Column("expires_at", TIMESTAMPTZ, nullable=False),
+    sa.UniqueConstraint("target", "dedup_key", name="early_signals_dedup_key"),
+)
+
+sa.Index("early_signals_expires_idx", early_signals.c.expires_at)

@@ -10,6 +10,11 @@ S = migrate.SCHEMA
 WAKEUP_CHANNEL = "durable_celery_wakeup"
 DISPATCH_COLUMNS = "id, workflow, step, seq, queue, priority"
 
+# The runs that hold their business key (the predicate of the unique index runs_key_idx):
+# every live run, and the finished runs whose key_reuse policy keeps it.
+KEY_HELD = ("(finished_at IS NULL OR key_reuse = 'reject' "
+            "OR (key_reuse = 'after_failure' AND status = 'done'))")
+
 
 def q(sql: str) -> sa.TextClause:
     """A statement with ``{S}`` naming our schema."""

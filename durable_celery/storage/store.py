@@ -29,7 +29,7 @@ from durable_celery.storage.records import (
     SignalResult,
     StepRecord,
 )
-from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
+from durable_celery.storage.sql import DISPATCH_COLUMNS, KEY_HELD, NOTIFY
 from durable_celery.storage.sql import q as _q
 from durable_celery.storage.sweeps import (
     SweepStore,
@@ -46,33 +46,35 @@ RUN_COLUMNS = (
 START = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
                       input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
-                      parent_id, forked_from, app_version, concurrency_key)
+                      parent_id, forked_from, app_version, concurrency_key, key_reuse)
 SELECT :id, :workflow, :version, :queue, :run_queue, :priority, 'runnable', :step,
        CAST(:state AS jsonb), CAST(:state AS jsonb), :key, t.due,
        CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
        CASE WHEN t.due > now() THEN NULL ELSE now() END,
        CASE WHEN t.due > now() THEN 0 ELSE 1 END,
-       :parent_id, :forked_from, :app_version, :concurrency_key
+       :parent_id, :forked_from, :app_version, :concurrency_key, :key_reuse
 FROM (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
                                       now() + make_interval(secs => :delay))) AS due) AS t
 ON CONFLICT DO NOTHING
 RETURNING id, eligible_at > now() AS delayed
 """)
 
-FIND_CONFLICT = _q("""
-SELECT id FROM {S}.runs
-WHERE id = :id OR (CAST(:key AS text) IS NOT NULL AND key = :key AND finished_at IS NULL)
-ORDER BY (id = :id) DESC LIMIT 1
+# Who holds the id or the key a start could not take (the key: as runs_key_idx says).
+FIND_CONFLICT = _q(f"""
+SELECT id, status, key_reuse FROM {{S}}.runs
+WHERE id = :id OR (CAST(:key AS text) IS NOT NULL AND key = :key AND {KEY_HELD})
+ORDER BY (id = :id) DESC, (finished_at IS NULL) DESC LIMIT 1
 """)
 
 START_MANY = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
-                      input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count)
+                      input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
+                      key_reuse)
 SELECT i.id, :workflow, :version, :queue, :run_queue, 0, 'runnable', :step,
        CAST(i.state AS jsonb), CAST(i.state AS jsonb), i.key, t.due,
        CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
        CASE WHEN t.due > now() THEN NULL ELSE now() END,
-       CASE WHEN t.due > now() THEN 0 ELSE 1 END
+       CASE WHEN t.due > now() THEN 0 ELSE 1 END, :key_reuse
 FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:keys AS text[]))
          WITH ORDINALITY AS i(id, state, key, n),
      (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
@@ -82,10 +84,10 @@ ON CONFLICT DO NOTHING
 RETURNING id, eligible_at > now() AS delayed
 """)
 
-FIND_CONFLICTS = _q("""
-SELECT id, key FROM {S}.runs
+FIND_CONFLICTS = _q(f"""
+SELECT id, key, status, key_reuse FROM {{S}}.runs
 WHERE id = ANY(CAST(:ids AS text[]))
-   OR (key = ANY(CAST(:keys AS text[])) AND finished_at IS NULL)
+   OR (key = ANY(CAST(:keys AS text[])) AND {KEY_HELD})
 """)
 
 UNPUBLISHED = _q("""
@@ -269,6 +271,12 @@ LIMIT 1
 FOR UPDATE
 """)
 
+# No live run has the target as id or key: is it the key of a finished run that keeps it?
+FINISHED_KEY = _q(f"""
+SELECT id FROM {{S}}.runs WHERE key = :target AND finished_at IS NOT NULL AND {KEY_HELD}
+LIMIT 1
+""")
+
 INSERT_SIGNAL = _q("""
 INSERT INTO {S}.signals (run_id, name, payload, dedup_key)
 VALUES (:run_id, :name, CAST(:payload AS jsonb), :dedup_key)
@@ -283,6 +291,19 @@ GET_RUN = _q(f"SELECT {RUN_COLUMNS} FROM {{S}}.runs WHERE id = :id")
 HISTORY = _q("SELECT * FROM {S}.steps WHERE run_id = :id ORDER BY seq")
 
 STATUS = _q("SELECT status, result, error FROM {S}.runs WHERE id = :id")
+
+
+def duplicate(run_id: str, key: str | None, holder: str, status: str, policy: str,
+              ) -> errors.DuplicateWorkflow:
+    """The error of a start whose workflow_id or business key another run holds."""
+    if holder == run_id:
+        what = f"workflow_id {run_id!r} is already used by run {holder!r} ({status})"
+    elif status in TERMINAL:
+        what = (f"key {key!r} is held by run {holder!r}, which ended {status} and keeps its "
+                f"key (key_reuse={policy!r}) while it is retained")
+    else:
+        what = f"key {key!r} is held by live run {holder!r} ({status})"
+    return errors.DuplicateWorkflow(what, existing_id=holder, key=key, existing_status=status)
 
 
 class _HolderGone(Exception):
@@ -346,13 +367,16 @@ class Store(SweepStore):
               queue: str, run_queue: str | None, state: str, key: str | None, delay: float,
               at: datetime | None, priority: int = 0, parent_id: str | None = None,
               forked_from: str | None = None, app_version: str | None = None,
-              concurrency_key: str | None = None) -> tuple[str, bool]:
+              concurrency_key: str | None = None, key_reuse: str = "reject",
+              ) -> tuple[str, bool]:
         """Insert a runnable run; returns ``(workflow_id, publish_now)``."""
         run_id = workflow_id or str(uuid.uuid4())
-        options: dict[str, Any] = {"workflow": workflow, "version": version, "step": step, "queue": queue,
-                   "run_queue": run_queue, "state": state, "key": key, "delay": delay, "at": at,
-                   "priority": priority, "parent_id": parent_id, "forked_from": forked_from,
-                   "app_version": app_version, "concurrency_key": concurrency_key}
+        options: dict[str, Any] = {
+            "workflow": workflow, "version": version, "step": step, "queue": queue,
+            "run_queue": run_queue, "state": state, "key": key, "delay": delay, "at": at,
+            "priority": priority, "parent_id": parent_id, "forked_from": forked_from,
+            "app_version": app_version, "concurrency_key": concurrency_key,
+            "key_reuse": key_reuse}
         for _ in range(3):
             with self.db.begin() as conn:
                 found = self.start_on(conn, run_id, redispatch=self.redispatch_after, **options)
@@ -365,7 +389,8 @@ class Store(SweepStore):
                  step: str, queue: str, run_queue: str | None, state: str, key: str | None,
                  delay: float, at: datetime | None, priority: int, parent_id: str | None,
                  forked_from: str | None, app_version: str | None,
-                 concurrency_key: str | None, redispatch: float) -> bool | None:
+                 concurrency_key: str | None, redispatch: float,
+                 key_reuse: str = "reject") -> bool | None:
         """Insert a run on ``conn`` (the caller's transaction); returns publish_now, or None
         when a conflicting run vanished meanwhile. ``redispatch``: seconds until the
         dispatcher publishes it if nobody does (the outbox floor)."""
@@ -373,17 +398,16 @@ class Store(SweepStore):
                   "run_queue": run_queue, "priority": priority, "step": step, "state": state,
                   "key": key, "delay": float(delay), "at": at, "redispatch": redispatch,
                   "parent_id": parent_id, "forked_from": forked_from,
-                  "app_version": app_version, "concurrency_key": concurrency_key}
+                  "app_version": app_version, "concurrency_key": concurrency_key,
+                  "key_reuse": key_reuse}
         row = conn.execute(START, params).mappings().first()
         if row is not None:
             if row["delayed"]:
                 conn.execute(NOTIFY)
             return not row["delayed"]
-        existing = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).scalar()
-        if existing is not None:
-            what = f"workflow_id {run_id!r}" if existing == run_id else f"key {key!r}"
-            raise errors.DuplicateWorkflow(
-                f"{what} is already used by run {existing!r}", existing_id=existing, key=key)
+        holder = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).mappings().first()
+        if holder is not None:
+            raise duplicate(run_id, key, holder["id"], holder["status"], holder["key_reuse"])
         return None
 
     def exists(self, workflow_id: str) -> bool:
@@ -398,7 +422,8 @@ class Store(SweepStore):
     def start_many(self, *, workflow: str, version: int, step: str, queue: str,
                    run_queue: str | None, states: Sequence[str], keys: Sequence[str | None],
                    workflow_ids: Sequence[str | None], delay: float, at: datetime | None,
-                   existing: bool) -> tuple[list[str], list[str], bool]:
+                   existing: bool, key_reuse: str = "reject",
+                   ) -> tuple[list[str], list[str], bool]:
         """Insert runnable runs in one transaction.
 
         Returns ``(ids in input order, ids inserted, publish_now)``. A taken key or id
@@ -409,7 +434,7 @@ class Store(SweepStore):
         params = {"workflow": workflow, "version": version, "queue": queue,
                   "run_queue": run_queue, "step": step, "ids": ids, "states": list(states),
                   "keys": list(keys), "delay": float(delay), "at": at,
-                  "redispatch": self.redispatch_after}
+                  "redispatch": self.redispatch_after, "key_reuse": key_reuse}
         for _ in range(3):
             try:
                 return self._start_many(params, ids, keys, existing)
@@ -432,24 +457,23 @@ class Store(SweepStore):
                 "ids": [i for i in ids if i not in inserted],
                 "keys": [k for i, k in zip(ids, keys, strict=True) if k is not None and i not in inserted],
             }).all()
-            by_id = {row[0]: row[0] for row in holders}
-            by_key = {row[1]: row[0] for row in holders if row[1] is not None}
+            by_id = {row[0]: row for row in holders}
+            by_key = {row[1]: row for row in holders if row[1] is not None}
             result: list[str] = []
             for run_id, key in zip(ids, keys, strict=True):
                 if run_id in inserted:
                     result.append(run_id)
                     continue
-                holder = by_id.get(run_id) or (by_key.get(key) if key is not None else None)
-                if holder is None:
+                found = by_id.get(run_id) or (by_key.get(key) if key is not None else None)
+                if found is None:
                     raise _HolderGone  # rolls the batch back; the caller tries again
                 if not existing:
-                    what = (f"workflow_id {run_id!r}" if holder == run_id
-                            else f"key {key!r}")
                     # Raising inside the transaction rolls the whole batch back.
-                    raise errors.DuplicateWorkflow(
-                        f"{what} is already used by run {holder!r}; no run was started",
-                        existing_id=holder, key=key)
-                result.append(holder)
+                    error = duplicate(run_id, key, found[0], found[2], found[3])
+                    error.message += "; no run was started"
+                    error.args = (error.message,)
+                    raise error
+                result.append(found[0])
             if delayed:
                 conn.execute(NOTIFY)
             return result, [i for i in ids if i in inserted], not delayed
@@ -618,7 +642,9 @@ class Store(SweepStore):
         """Store a signal on ``conn`` (possibly the caller's transaction)."""
         run = conn.execute(LOCK_TARGET, {"target": target}).mappings().first()
         if run is None or run["finished_at"] is not None:
-            state = "finished" if run is not None else "missing"
+            finished = run is not None or conn.execute(
+                FINISHED_KEY, {"target": target}).first() is not None
+            state = "finished" if finished else "missing"
             raise errors.NoTarget(
                 f"no live run has workflow_id or key {target!r} ({state})",
                 target=target, reason=state,

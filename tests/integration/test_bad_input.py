@@ -209,8 +209,13 @@ def test_duplicate_workflows(durable, published, db_engine):
     assert count_runs(db_engine) == 2
 
     drain(durable)  # both finish
-    second = wf.start({"n": 5}, key="order:1")  # a finished run's key is free again
-    assert second != first
+    with pytest.raises(DuplicateWorkflow, match="ended done") as kept:
+        wf.start({"n": 5}, key="order:1")  # key_reuse="reject": a finished run keeps it
+    assert kept.value.existing_id == first and kept.value.status == 409
+    loose = wf.start({"n": 6}, key="order:2", key_reuse="after_finish")
+    drain(durable)
+    second = wf.start({"n": 7}, key="order:2")  # after_finish: free again once finished
+    assert second != loose
     with pytest.raises(DuplicateWorkflow):  # an id is never reused, even once finished
         wf.start({}, workflow_id="wf-explicit")
     assert durable.get_workflow(first).state == {"n": 1}

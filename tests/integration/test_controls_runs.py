@@ -336,9 +336,10 @@ def test_resume_leaves_other_statuses_alone(durable, published, db_engine):
 def test_resume_when_the_key_is_held_by_another_live_run_is_a_409(durable, published,
                                                                     db_engine):
     wf = declare_chain(durable, [])
-    first = wf.start({}, key="order-7")
+    # after_failure: a cancelled run gives its key back, so another run can take it.
+    first = wf.start({}, key="order-7", key_reuse="after_failure")
     durable.cancel_workflow(first, "c-key")
-    second = wf.start({}, key="order-7")
+    second = wf.start({}, key="order-7", key_reuse="after_failure")
     published.clear()
     with pytest.raises(DuplicateWorkflow) as info:
         durable.resume_workflow(first, "r-key")

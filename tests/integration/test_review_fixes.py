@@ -104,7 +104,7 @@ def test_a_signal_by_key_reaches_the_live_run_not_a_finished_namesake(durable, p
     def finish(ctx):
         return Done(ctx.signals[0].payload)
 
-    finished = wf.start(workflow_id="order:42", key="order:42")
+    finished = wf.start(workflow_id="order:42", key="order:42", key_reuse="after_finish")
     durable.signal("order:42", "go", "first")
     drain(durable)
     assert durable.wait_result(finished, timeout=1) == "first"

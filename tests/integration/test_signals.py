@@ -211,13 +211,13 @@ def test_signal_to_a_missing_or_finished_run_is_refused(durable, published, db_e
 def test_signal_by_key_reaches_the_live_run(durable, published, db_engine):
     seen: list = []
     wf = declare_parker(durable, seen)
-    old = wf.start(key="order:9")
+    old = wf.start(key="order:9", key_reuse="after_finish")
     drain(durable)
     durable.signal("order:9", "go", "first")
     drain(durable)
     assert durable.get_workflow(old).status == "done"
 
-    new = wf.start(key="order:9")  # the key is free again once the old run finished
+    new = wf.start(key="order:9")  # after_finish: the key is free once the old run finished
     drain(durable)
     result = durable.signal("order:9", "go", "second")
     assert (result.workflow_id, result.woke) == (new, True)

@@ -90,9 +90,19 @@ def test_on_conflict_existing_returns_the_holder(durable, published, db_engine):
     assert count_runs(db_engine) == 2
 
 
-def test_a_finished_holder_frees_its_key(durable, published, db_engine):
+def test_a_finished_holder_keeps_its_key_by_default(durable, published, db_engine):
     wf = declare(durable)
     first = wf.start(key="again")
+    drain(durable)
+    with pytest.raises(errors.DuplicateWorkflow, match="ended done") as caught:
+        wf.start_many([{}], keys=["again"])
+    assert caught.value.existing_id == first
+    assert wf.start_many([{}], keys=["again"], on_conflict="existing") == [first]
+
+
+def test_a_finished_holder_frees_its_key_after_finish(durable, published, db_engine):
+    wf = declare(durable)
+    first = wf.start(key="again", key_reuse="after_finish")
     drain(durable)
     (second,) = wf.start_many([{}], keys=["again"])
     assert second != first
