@@ -138,9 +138,9 @@ class Controls:
         key, wid, ttl = self._common(workflow_id, request_key, ttl_days, cleanup_interval_seconds)
 
         def mutation(conn: Any) -> Outcome:
-            dispatch = self.store.resume(conn, wid)
-            return Outcome(response=self._response(key, dispatch is not None),
-                           dispatches=[dispatch] if dispatch is not None else [])
+            dispatches = self.store.resume(conn, wid)
+            return Outcome(response=self._response(key, dispatches is not None),
+                           dispatches=dispatches or [])
 
         return self._request(key, "resume", wid, ttl, mutation)
 

@@ -73,11 +73,12 @@ class Reaper:
         for dispatch in reaped.publish:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
-        self.durable._publish_many(reaped.publish + reaped.wakes)
+        owed = self.durable.store.pay_owed_slots(s.sweep_batch_size)
+        self.durable._publish_many(reaped.publish + reaped.wakes + owed)
         if reaped.failed:
             log.error("%d run(s) failed after %d worker losses", reaped.failed,
                       s.max_recoveries)
-        return len(reaped.publish) + reaped.failed
+        return len(reaped.publish) + reaped.failed + len(owed)
 
 
 class Collector:

@@ -192,7 +192,8 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         rows, count = _children(v, returned, state)
         return Transition(status="awaiting_children", step=target.name,
                           queue=_queue(v, target), attempt=0, state=state, outcome="spawn",
-                          next_step=target.name, children=rows, children_count=count)
+                          next_step=target.name, children=rows, children_count=count,
+                          spawn_cap=returned.concurrency)
     raise AssertionError(f"unhandled outcome {returned!r}")  # pragma: no cover
 
 
@@ -274,8 +275,11 @@ def _failed(v: Visit, state: str, error: dict[str, Any]) -> Transition:
         return Transition(status="compensating", step=top, queue=_compensation_queue(v, top),
                           attempt=0, state=state, error=text, failure=text, publish=True,
                           outcome="fail", next_step=top, compensation_errors="[]")
+    # The signals this visit saw stay delivered (not consumed), and its timeout stays: a
+    # resumed run runs this step again as the same visit and sees them again.
     return Transition(status="failed", step=v.step.name, queue=v.queue, attempt=v.attempt,
-                      state=state, error=_dumps(error), outcome="fail", next_step=None)
+                      state=state, error=_dumps(error), outcome="fail", next_step=None,
+                      consume=False)
 
 
 def _dumps(value: Any) -> str:

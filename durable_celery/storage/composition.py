@@ -9,9 +9,13 @@ counted once, and only by the spawn that started it. The statement that takes th
 to zero makes the parent runnable at its next step; the caller publishes it after commit.
 
 foreach's concurrency cap: children past the cap are inserted ``held`` (never claimed,
-never dispatched). A child that finishes while it was not held releases the next held
-sibling in spawn order, in the same transaction (under the parent's row lock, so two
-children finishing at once release two different siblings).
+never dispatched); the parent keeps the cap (``spawn_cap``). Under the parent's row lock,
+:func:`release_slots` counts the started children that are not finished and releases held
+ones, in spawn order, up to the cap: after a child finishes, after a child is resumed, and
+when a cancelled parent is resumed. The count is derived, never stored, so a release cannot
+be lost: a held child whose row is locked at that moment (a signal to it, a caller's
+transaction) is skipped, and the parent records that it is owed a release
+(``spawn_owed``); the reaper's pass pays it off as soon as the row is free.
 """
 
 from __future__ import annotations
@@ -50,27 +54,76 @@ UPDATE {S}.runs AS p SET
   children_pending = p.children_pending - 1,
   status = CASE WHEN p.children_pending = 1 THEN 'runnable' ELSE p.status END,
   eligible_at = CASE WHEN p.children_pending = 1 THEN now() ELSE p.eligible_at END,
-  dispatch_at = CASE WHEN p.children_pending = 1
+  dispatch_at = CASE WHEN p.children_pending = 1 AND NOT p.held
                      THEN now() + make_interval(secs => :redispatch) ELSE p.dispatch_at END,
-  dispatched_at = CASE WHEN p.children_pending = 1 THEN now() ELSE p.dispatched_at END,
-  dispatch_count = CASE WHEN p.children_pending = 1 THEN 1 ELSE p.dispatch_count END,
+  dispatched_at = CASE WHEN p.children_pending = 1 AND NOT p.held
+                       THEN now() ELSE p.dispatched_at END,
+  dispatch_count = CASE WHEN p.children_pending = 1 AND NOT p.held
+                        THEN 1 ELSE p.dispatch_count END,
   updated_at = now()
 WHERE p.id = :parent_id AND p.status = 'awaiting_children' AND p.visit = :spawn_seq
   AND p.children_pending > 0
-RETURNING p.id, p.workflow, p.step, p.seq, p.queue, p.priority, p.status
+RETURNING p.id, p.workflow, p.step, p.seq, p.queue, p.priority, p.status, p.spawn_cap, p.held
 """)
 
-RELEASE_HELD = _q("""
-UPDATE {S}.runs AS c SET
-  held = false, eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1, updated_at = now()
-WHERE c.id = (SELECT h.id FROM {S}.runs AS h
-              WHERE h.parent_id = :parent_id AND h.held AND h.spawn_seq = :spawn_seq
-                AND h.status = 'runnable'
-              ORDER BY h.child_index
-              LIMIT 1
-              FOR UPDATE SKIP LOCKED)
-RETURNING c.id, c.workflow, c.step, c.seq, c.queue, c.priority
+# The parent (locked by the caller) waits on spawn :spawn_seq with a cap: release held
+# children in spawn order while fewer than the cap are started and not finished. Held rows
+# locked by someone else are skipped; what could not be released is owed (spawn_owed).
+RELEASE_SLOTS = _q("""
+WITH p AS (
+  SELECT id, spawn_cap FROM {S}.runs
+  WHERE id = :parent_id AND status = 'awaiting_children' AND visit = :spawn_seq
+    AND spawn_cap IS NOT NULL
+), used AS (
+  SELECT count(*) AS n FROM {S}.runs AS c
+  WHERE c.parent_id = :parent_id AND c.spawn_seq = :spawn_seq AND NOT c.held
+    AND c.finished_at IS NULL
+), waiting AS (
+  SELECT count(*) AS n FROM {S}.runs AS c
+  WHERE c.parent_id = :parent_id AND c.spawn_seq = :spawn_seq AND c.held
+    AND c.finished_at IS NULL
+), free AS (
+  SELECT LEAST(GREATEST(p.spawn_cap - used.n, 0), waiting.n) AS n FROM p, used, waiting
+), pick AS (
+  SELECT c.id FROM {S}.runs AS c
+  WHERE c.parent_id = :parent_id AND c.spawn_seq = :spawn_seq AND c.held
+    AND c.finished_at IS NULL
+  ORDER BY c.child_index
+  LIMIT (SELECT n FROM free)
+  FOR UPDATE OF c SKIP LOCKED
+), released AS (
+  -- A runnable child is dispatched; one that waits (a resumed child back in its Await or
+  -- its own join) just takes its slot and continues when its wait ends.
+  UPDATE {S}.runs AS c SET
+    held = false,
+    eligible_at = CASE WHEN c.status = 'runnable' THEN GREATEST(c.eligible_at, now())
+                       ELSE c.eligible_at END,
+    dispatch_at = CASE WHEN c.status = 'runnable' THEN
+                    CASE WHEN c.eligible_at > now() THEN c.eligible_at
+                         ELSE now() + make_interval(secs => :redispatch) END END,
+    dispatched_at = CASE WHEN c.status = 'runnable' AND c.eligible_at <= now() THEN now() END,
+    dispatch_count = CASE WHEN c.status = 'runnable' AND c.eligible_at <= now() THEN 1
+                          ELSE 0 END,
+    updated_at = now()
+  FROM pick WHERE c.id = pick.id
+  RETURNING c.id, c.workflow, c.step, c.seq, c.queue, c.priority,
+            c.status = 'runnable' AND c.dispatched_at IS NOT NULL AS publish
+), owed AS (
+  UPDATE {S}.runs SET spawn_owed = (SELECT n FROM free) - (SELECT count(*) FROM released)
+  WHERE id = :parent_id AND EXISTS (SELECT 1 FROM p)
+)
+SELECT * FROM released
+""")
+
+# Parents owed a release (see RELEASE_SLOTS): locked in turn, skipping busy ones.
+OWED = _q("""
+SELECT id, visit FROM {S}.runs
+WHERE spawn_owed > 0 AND status = 'awaiting_children'
+ORDER BY id LIMIT :limit
+FOR UPDATE SKIP LOCKED
+""")
+CLEAR_OWED = _q("""
+UPDATE {S}.runs SET spawn_owed = 0 WHERE spawn_owed > 0 AND status <> 'awaiting_children'
 """)
 
 
@@ -80,7 +133,6 @@ class Finished:
 
     parent_id: str
     spawn_seq: int | None
-    held: bool = False    # it never started (held behind the cap): it frees no slot
 
 
 def insert_children(conn: sa.Connection, *, parent_id: str, spawn_seq: int, priority: int,
@@ -108,9 +160,26 @@ def children_finished(conn: sa.Connection, finished: Iterable[Finished], *,
         if parent is None:
             continue  # the parent no longer waits for this spawn (cancelled, say)
         if parent["status"] == "runnable":
-            wakes.append(Dispatch.from_row(parent))
-        elif not child.held:
-            released = conn.execute(RELEASE_HELD, params).mappings().first()
-            if released is not None:
-                wakes.append(Dispatch.from_row(released))
+            if not parent["held"]:  # a held parent (a nested foreach child) waits its turn
+                wakes.append(Dispatch.from_row(parent))
+        elif parent["spawn_cap"] is not None:
+            wakes += release_slots(conn, child.parent_id, child.spawn_seq, redispatch=redispatch)
+    return wakes
+
+
+def release_slots(conn: sa.Connection, parent_id: str, spawn_seq: int, *,
+                  redispatch: float) -> list[Dispatch]:
+    """Start held children of the parent's capped spawn while slots are free (the caller
+    holds the parent's row lock); returns them, to publish after commit."""
+    rows = conn.execute(RELEASE_SLOTS, {"parent_id": parent_id, "spawn_seq": spawn_seq,
+                                        "redispatch": redispatch}).mappings().all()
+    return [Dispatch.from_row(r) for r in rows if r["publish"]]
+
+
+def pay_owed(conn: sa.Connection, *, limit: int, redispatch: float) -> list[Dispatch]:
+    """The reaper's pass: releases owed to parents whose held child was locked before."""
+    wakes: list[Dispatch] = []
+    for parent_id, visit in conn.execute(OWED, {"limit": limit}).all():
+        wakes += release_slots(conn, parent_id, visit, redispatch=redispatch)
+    conn.execute(CLEAR_OWED)
     return wakes

@@ -22,6 +22,7 @@ from durable_celery.storage import composition, migrate
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import Dispatch
 from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
+from durable_celery.storage.store import WAKE_FROM_INBOX
 from durable_celery.storage.sql import q as _q
 
 S = migrate.SCHEMA
@@ -57,7 +58,9 @@ DELETE FROM {S}.control_requests WHERE request_key IN (
 """)
 
 # The run and every live descendant, locked deepest first: the order every other path takes
-# (a child's terminal commit locks the child, then its parent, to count on it).
+# (a child's terminal commit locks the child, then its parent, to count on it). What the
+# run was doing is kept for resume: the status it had (cancelled_from), its awaited names
+# and deadline, its due time, its join counter.
 CANCEL_TREE = _q("""
 WITH RECURSIVE tree AS (
   SELECT id, 0 AS depth FROM {S}.runs WHERE id = :id
@@ -71,46 +74,102 @@ WITH RECURSIVE tree AS (
   FOR UPDATE OF r
 )
 UPDATE {S}.runs AS r SET
-  status = 'cancelled', finished_at = now(), updated_at = now(),
+  status = 'cancelled', cancelled_from = r.status, finished_at = now(), updated_at = now(),
   error = jsonb_build_object('type', 'Cancelled',
                              'message', COALESCE(CAST(:reason AS text), 'cancelled'),
                              'reason', CAST(:reason AS text), 'cancelled_by', CAST(:root AS text)),
-  owner = NULL, lease = NULL, started_at = NULL, dispatch_at = NULL,
-  await_names = NULL, await_deadline = NULL
+  owner = NULL, lease = NULL, started_at = NULL, dispatch_at = NULL, spawn_owed = 0
 FROM locked WHERE r.id = locked.id AND r.finished_at IS NULL
-RETURNING r.id, r.parent_id, r.spawn_seq, r.held
+RETURNING r.id, r.parent_id, r.spawn_seq
 """)
 
-# A run cancelled while compensating resumes compensating (its step is a compensation).
+# Resume puts a cancelled or failed run back where it was:
+# - cancelled while awaiting a signal: awaiting the same names again, with the same
+#   (absolute) deadline -- a deadline that passed meanwhile expires at the next sweep;
+# - cancelled while awaiting children: waiting for them again (the caller resumes the
+#   children the same cancel cancelled, then recounts);
+# - cancelled while compensating (or failed with compensations to run): compensating;
+# - otherwise (runnable, sleeping, retrying, executing, failed): runnable at the step where
+#   it stopped, as the same visit, due when it was due (a sleep keeps its wake-up time).
+# A child of a capped spawn its parent still waits on goes back in the queue (held); the
+# caller releases what the cap allows.
 RESUME = _q("""
 WITH t AS (
-  SELECT r.id, (r.held AND EXISTS (
-           SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id
-              AND p.status = 'awaiting_children' AND p.visit = r.spawn_seq)) AS keep_held
-  FROM {S}.runs AS r WHERE r.id = :id
+  SELECT r.id,
+         CASE WHEN r.status = 'cancelled'
+                   AND r.cancelled_from IN ('awaiting', 'awaiting_children')
+              THEN r.cancelled_from
+              WHEN r.failure IS NOT NULL AND jsonb_array_length(r.compensations) > 0
+              THEN 'compensating'
+              ELSE 'runnable' END AS next_status,
+         EXISTS (SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id
+                    AND p.status = 'awaiting_children' AND p.visit = r.spawn_seq
+                    AND (r.held OR p.spawn_cap IS NOT NULL)) AS keep_held,
+         GREATEST(r.eligible_at, now()) AS due
+  FROM {S}.runs AS r WHERE r.id = :id AND r.status IN ('cancelled', 'failed')
+), u AS (
+  SELECT t.*, t.next_status IN ('runnable', 'compensating') AND NOT t.keep_held AS dispatch
+  FROM t
 )
 UPDATE {S}.runs SET
-  status = CASE WHEN failure IS NOT NULL AND jsonb_array_length(compensations) > 0
-                THEN 'compensating' ELSE 'runnable' END,
-  attempt = 0, recoveries = 0, finished_at = NULL, result = NULL,
-  error = NULL, timed_out = false, await_names = NULL, await_deadline = NULL,
-  owner = NULL, lease = NULL, started_at = NULL, eligible_at = now(), children_pending = 0,
-  -- A held foreach child stays held while its parent still waits on that spawn: a finishing
-  -- sibling releases it in order, and the cap holds.
-  held = t.keep_held,
-  dispatch_at = CASE WHEN t.keep_held THEN NULL ELSE now() + make_interval(secs => :redispatch) END,
-  dispatched_at = CASE WHEN t.keep_held THEN NULL ELSE now() END,
-  dispatch_count = CASE WHEN t.keep_held THEN 0 ELSE 1 END, updated_at = now()
-FROM t WHERE runs.id = t.id AND runs.status IN ('cancelled', 'failed')
+  status = u.next_status, cancelled_from = NULL,
+  attempt = 0, recoveries = 0, finished_at = NULL, result = NULL, error = NULL,
+  await_names = CASE WHEN u.next_status = 'awaiting' THEN await_names END,
+  await_deadline = CASE WHEN u.next_status = 'awaiting' THEN await_deadline END,
+  await_all = u.next_status = 'awaiting' AND await_all,
+  owner = NULL, lease = NULL, started_at = NULL, eligible_at = u.due,
+  children_pending = 0, spawn_owed = 0,
+  held = u.keep_held,
+  dispatch_at = CASE WHEN u.dispatch THEN
+                  CASE WHEN u.due > now() THEN u.due
+                       ELSE now() + make_interval(secs => :redispatch) END END,
+  dispatched_at = CASE WHEN u.dispatch AND u.due <= now() THEN now() END,
+  dispatch_count = CASE WHEN u.dispatch AND u.due <= now() THEN 1 ELSE 0 END,
+  updated_at = now()
+-- Re-checked on the row's latest version: of two racing resumes, one changes it.
+FROM u WHERE runs.id = u.id AND runs.status IN ('cancelled', 'failed')
 RETURNING runs.id, runs.workflow, runs.step, runs.seq, runs.queue, runs.priority,
-          runs.parent_id, runs.spawn_seq, runs.held
+          runs.parent_id, runs.spawn_seq, runs.status, runs.visit, runs.await_names,
+          runs.await_deadline IS NOT NULL AS has_deadline,
+          u.dispatch AND u.due <= now() AS publish, u.due > now() AS delayed
+""")
+
+# The children a resumed parent waits on again: those of its current spawn that the same
+# cancel cancelled (an earlier, separate cancel of a child stays).
+CASCADED = _q("""
+SELECT id FROM {S}.runs
+WHERE parent_id = :id AND spawn_seq = :visit AND status = 'cancelled'
+  AND error ->> 'cancelled_by' = :cancelled_by
+ORDER BY child_index
+""")
+
+CANCELLED_BY = _q("SELECT error ->> 'cancelled_by' FROM {S}.runs WHERE id = :id")
+
+# A resumed parent counts its live children again; with none, it continues at once.
+RECOUNT = _q("""
+UPDATE {S}.runs AS p SET
+  children_pending = c.n,
+  status = CASE WHEN c.n = 0 THEN 'runnable' ELSE 'awaiting_children' END,
+  eligible_at = now(),
+  dispatch_at = CASE WHEN c.n = 0 THEN now() + make_interval(secs => :redispatch) END,
+  dispatched_at = CASE WHEN c.n = 0 THEN now() END,
+  dispatch_count = CASE WHEN c.n = 0 THEN 1 ELSE 0 END
+FROM (SELECT count(*) AS n FROM {S}.runs
+      WHERE parent_id = :id AND spawn_seq = :visit AND finished_at IS NULL) AS c
+WHERE p.id = :id AND p.status = 'awaiting_children'
+RETURNING p.id, p.workflow, p.step, p.seq, p.queue, p.priority, p.status, p.visit
 """)
 
 # A resumed child is pending again for a parent still waiting on its spawn (it was counted
-# when it was cancelled or failed). Child row first, then the parent, as everywhere.
+# when it was cancelled or failed). A parent its end already woke, whose join step has not
+# run yet (same seq, not claimed), waits again: the join step must see the child's end.
+# Child row first, then the parent, as everywhere.
 UNCOUNT = _q("""
-UPDATE {S}.runs SET children_pending = children_pending + 1, updated_at = now()
-WHERE id = :parent_id AND status = 'awaiting_children' AND visit = :spawn_seq
+UPDATE {S}.runs SET children_pending = children_pending + 1, status = 'awaiting_children',
+    dispatch_at = NULL, dispatched_at = NULL, dispatch_count = 0, updated_at = now()
+WHERE id = :parent_id AND visit = :spawn_seq AND seq = :spawn_seq
+  AND (status = 'awaiting_children' OR (status = 'runnable' AND owner IS NULL))
+RETURNING id, spawn_cap
 """)
 
 LOCK_RUN = _q("""
@@ -242,26 +301,61 @@ class ControlStore:
             if not found:
                 break
         wakes = composition.children_finished(conn, [
-            composition.Finished(r["parent_id"], r["spawn_seq"], held=bool(r["held"]))
+            composition.Finished(r["parent_id"], r["spawn_seq"])
             for r in rows if r["parent_id"] is not None], redispatch=self.redispatch_after)
         return [str(r["id"]) for r in rows], wakes
 
-    def resume(self, conn: sa.Connection, workflow_id: str) -> Dispatch | None:
+    def resume(self, conn: sa.Connection, workflow_id: str) -> list[Dispatch] | None:
+        """Resume a cancelled or failed run (see RESUME); None when it is neither. Returns
+        the runs to publish: the run itself, children a resumed join releases, ..."""
         try:
             with conn.begin_nested():
-                row = conn.execute(RESUME, {"id": workflow_id,
-                                            "redispatch": self.redispatch_after}
-                                   ).mappings().first()
-        except sa.exc.IntegrityError:  # runs_live_key_idx: another live run holds the key
+                dispatches = self._resume(conn, workflow_id, cascaded=False)
+        except sa.exc.IntegrityError:  # runs_key_idx: another run holds the key now
             raise errors.DuplicateWorkflow(
-                f"run {workflow_id!r} cannot resume: its key is held by another live run",
+                f"run {workflow_id!r} cannot resume: its key is held by another run",
                 workflow_id=workflow_id) from None
+        if dispatches is not None:
+            conn.execute(NOTIFY)  # a sleep or a deadline back: the dispatchers re-plan
+        return dispatches
+
+    def _resume(self, conn: sa.Connection, workflow_id: str, *, cascaded: bool,
+                depth: int = 0) -> list[Dispatch] | None:
+        cancelled_by = conn.execute(CANCELLED_BY, {"id": workflow_id}).scalar()
+        row = conn.execute(RESUME, {"id": workflow_id, "redispatch": self.redispatch_after}
+                           ).mappings().first()
         if row is None:
             return None
-        if row["parent_id"] is not None and row["spawn_seq"] is not None:
-            conn.execute(UNCOUNT, {"parent_id": row["parent_id"],
-                                   "spawn_seq": row["spawn_seq"]})
-        return None if row["held"] else Dispatch.from_row(row)
+        out = [Dispatch.from_row(row)] if row["publish"] else []
+        if row["status"] == "awaiting":
+            # Signals that came while it was held, or were delivered but not consumed.
+            woke = conn.execute(WAKE_FROM_INBOX, {
+                "id": workflow_id, "names": list(row["await_names"] or ()),
+                "redispatch": self.redispatch_after}).mappings().first()
+            if woke is not None and not woke["held"]:
+                out.append(Dispatch.from_row(woke))
+        elif row["status"] == "awaiting_children":
+            # The children the same cancel cancelled wait with it again (deepest last).
+            if cancelled_by is not None and depth < 100:
+                for (child_id,) in conn.execute(CASCADED, {
+                        "id": workflow_id, "visit": row["visit"],
+                        "cancelled_by": cancelled_by}).all():
+                    out += self._resume(conn, child_id, cascaded=True, depth=depth + 1) or []
+            counted = conn.execute(RECOUNT, {"id": workflow_id, "visit": row["visit"],
+                                             "redispatch": self.redispatch_after}
+                                   ).mappings().first()
+            if counted is not None and counted["status"] == "runnable":
+                out.append(Dispatch.from_row(counted))
+            else:
+                out += composition.release_slots(conn, workflow_id, row["visit"],
+                                                 redispatch=self.redispatch_after)
+        if not cascaded and row["parent_id"] is not None and row["spawn_seq"] is not None:
+            parent = conn.execute(UNCOUNT, {"parent_id": row["parent_id"],
+                                            "spawn_seq": row["spawn_seq"]}).mappings().first()
+            if parent is not None and parent["spawn_cap"] is not None:
+                out += composition.release_slots(conn, row["parent_id"], row["spawn_seq"],
+                                                 redispatch=self.redispatch_after)
+        return out
 
     def fork_source(self, conn: sa.Connection, workflow_id: str) -> ForkSource | None:
         run = conn.execute(LOCK_RUN, {"id": workflow_id}).mappings().first()

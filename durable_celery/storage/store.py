@@ -167,7 +167,7 @@ WITH r AS (
     dispatched_at = CASE WHEN :publish THEN now() END,
     dispatch_count = CASE WHEN :publish THEN 1 ELSE 0 END,
     await_names = CAST(:await_names AS text[]), await_all = :await_all,
-    children_pending = :children_pending,
+    children_pending = :children_pending, spawn_cap = :spawn_cap, spawn_owed = 0,
     compensations = CASE
         WHEN CAST(:compensations AS jsonb) IS NOT NULL THEN CAST(:compensations AS jsonb)
         WHEN CAST(:comp_push AS jsonb) IS NOT NULL
@@ -177,7 +177,9 @@ WITH r AS (
     compensation_errors = COALESCE(CAST(:compensation_errors AS jsonb), compensation_errors),
     failure = COALESCE(CAST(:failure AS jsonb), failure),
     await_deadline = now() + make_interval(secs => CAST(:deadline AS double precision)),
-    timed_out = CASE WHEN :outcome = 'retry' THEN timed_out ELSE false END,
+    -- A retry or a failure keeps the visit's signals (not consumed) and its timeout: the
+    -- next attempt, or a resume, sees what this one saw.
+    timed_out = CASE WHEN :consume THEN false ELSE timed_out END,
     owner = CASE WHEN :status = 'executing' THEN owner END,
     lease = CASE WHEN :status = 'executing' THEN lease END,
     started_at = CASE WHEN :status = 'executing' THEN now() END,
@@ -204,7 +206,8 @@ CLAIM_SQL = driver_sql(CLAIM)
 COMMIT_SQL = driver_sql(COMMIT)
 
 # Parking re-checks the inbox under the row lock the commit holds: a signal committed
-# before the park is delivered now; one committed after finds the run awaiting.
+# before the park is delivered now; one committed after finds the run awaiting. A held run
+# (a foreach child queued behind the cap) wakes but is not dispatched until released.
 WAKE_FROM_INBOX = _q("""
 WITH d AS (
   UPDATE {S}.signals SET delivered_at = now()
@@ -212,16 +215,17 @@ WITH d AS (
   RETURNING id
 )
 UPDATE {S}.runs AS r SET status = 'runnable', await_names = NULL, await_deadline = NULL,
-    await_all = false,
-    eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-    dispatched_at = now(), dispatch_count = 1, updated_at = now()
+    await_all = false, eligible_at = now(),
+    dispatch_at = CASE WHEN r.held THEN NULL ELSE now() + make_interval(secs => :redispatch) END,
+    dispatched_at = CASE WHEN r.held THEN NULL ELSE now() END,
+    dispatch_count = CASE WHEN r.held THEN 0 ELSE 1 END, updated_at = now()
 WHERE r.id = :id AND r.status = 'awaiting' AND CASE
     WHEN r.await_all THEN NOT EXISTS (  -- every name has a pending signal
         SELECT 1 FROM unnest(r.await_names) AS n(name)
         WHERE NOT EXISTS (SELECT 1 FROM {S}.signals AS s WHERE s.run_id = r.id
                           AND s.name = n.name AND s.consumed_at IS NULL))
     ELSE EXISTS (SELECT 1 FROM d) END
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority""")
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.held""")
 
 LANDED = _q("""
 SELECT r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
@@ -332,6 +336,7 @@ class Transition:
     await_all: bool = False       # Await(mode="all")
     children: str | None = None   # Spawn: JSON array of child rows to insert
     children_count: int = 0
+    spawn_cap: int | None = None  # Spawn: foreach's concurrency cap
     comp_push: str | None = None  # JSON: a completed step's compensation, pushed
     compensations: str | None = None        # JSON: the new compensation stack (replaces)
     compensation_errors: str | None = None  # JSON: replaces
@@ -524,6 +529,7 @@ class Store(SweepStore):
             "ran_attempt": claim.attempt, "outcome": t.outcome, "next_step": t.next_step,
             "started_at": started_at, "worker": worker, "consume": t.consume,
             "await_all": t.await_all, "children_pending": t.children_count,
+            "spawn_cap": t.spawn_cap,
             "comp_push": t.comp_push, "compensations": t.compensations,
             "compensation_errors": t.compensation_errors, "failure": t.failure,
         }
@@ -557,7 +563,7 @@ class Store(SweepStore):
                 woke = conn.execute(WAKE_FROM_INBOX, {
                     "id": claim.workflow_id, "names": list(t.await_names or ()),
                     "redispatch": self.redispatch_after}).mappings().first()
-                if woke is not None:
+                if woke is not None:  # (an executing run is never held)
                     dispatch, status = Dispatch.from_row(woke), "runnable"
             timer = (t.status in ("runnable", "compensating") and not t.publish) or (
                 t.deadline is not None and status == "awaiting")
@@ -656,11 +662,13 @@ class Store(SweepStore):
         if signal_id is None:
             return SignalResult(workflow_id=run_id, signal_id=None, duplicate=True,
                                 woke=False), None
-        dispatch = None
+        dispatch, woke = None, False
         if run["status"] == "awaiting" and name in (run["await_names"] or ()):
             row = conn.execute(WAKE_FROM_INBOX, {
                 "id": run_id, "names": list(run["await_names"]),
                 "redispatch": redispatch}).mappings().first()
-            dispatch = Dispatch.from_row(row) if row is not None else None
+            if row is not None:
+                woke = True
+                dispatch = None if row["held"] else Dispatch.from_row(row)
         return SignalResult(workflow_id=run_id, signal_id=int(signal_id), duplicate=False,
-                            woke=dispatch is not None), dispatch
+                            woke=woke), dispatch

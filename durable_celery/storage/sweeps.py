@@ -73,10 +73,12 @@ WITH due AS (
 )
 UPDATE {S}.runs AS r SET
   status = 'runnable', timed_out = true, await_names = NULL, await_deadline = NULL,
-  await_all = false, eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1, updated_at = now()
+  await_all = false, eligible_at = now(),
+  dispatch_at = CASE WHEN r.held THEN NULL ELSE now() + make_interval(secs => :redispatch) END,
+  dispatched_at = CASE WHEN r.held THEN NULL ELSE now() END,
+  dispatch_count = CASE WHEN r.held THEN 0 ELSE 1 END, updated_at = now()
 FROM due WHERE r.id = due.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority
+RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.held
 """)
 
 # When the dispatcher has work next: a timer ``:lead`` seconds before it is due (it is
@@ -271,7 +273,7 @@ class SweepStore:
         with self.db.connect() as conn:
             rows = conn.execute(EXPIRE_AWAITS, {
                 "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
-        return [Dispatch.from_row(r) for r in rows]
+        return [Dispatch.from_row(r) for r in rows if not r["held"]]
 
     def seconds_to_next_due(self, *, lead: float = 0.0) -> float | None:
         """Seconds until the dispatcher has work (timers count ``lead`` seconds early)."""
@@ -293,6 +295,12 @@ class SweepStore:
             conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
         publish = [Dispatch.from_row(r) for r in rows if r["status"] not in TERMINAL]
         return Reaped(publish=publish, failed=len(rows) - len(publish), wakes=wakes)
+
+    def pay_owed_slots(self, limit: int) -> list[Dispatch]:
+        """Release held foreach children whose release was skipped (their row was locked);
+        returns the children to publish."""
+        with self.db.begin() as conn:
+            return composition.pay_owed(conn, limit=limit, redispatch=self.redispatch_after)
 
     def collect_garbage(self, *, retention_seconds: float, limit: int) -> int:
         with self.db.begin() as conn:

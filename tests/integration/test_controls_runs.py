@@ -191,8 +191,9 @@ def test_cancelled_awaiting_run_never_wakes(durable, published, db_engine):
     assert run_row(db_engine, wid)["status"] == "awaiting"
     durable.cancel_workflow(wid, "c-await", reason="no more waiting")
     row = run_row(db_engine, wid)
-    assert row["status"] == "cancelled"
-    assert (row["await_names"], row["await_deadline"]) == (None, None)
+    assert (row["status"], row["cancelled_from"]) == ("cancelled", "awaiting")
+    # Kept for a resume, inert while cancelled: no deadline fires, no signal is taken.
+    assert row["await_names"] == ["go"] and row["await_deadline"] is not None
     published.clear()
 
     with pytest.raises(NoTarget):  # a finished run takes no signals
@@ -267,7 +268,10 @@ def test_resume_a_failed_run_then_it_completes(durable, published, db_engine):
     assert [c for c in calls if c[0] == wid][-2:] == [(wid, "b", 0), (wid, "c", 0)]
 
 
-def test_resume_a_cancelled_awaiting_run_at_its_step(durable, published, db_engine):
+def test_resume_a_cancelled_awaiting_run_awaits_again(durable, published, db_engine):
+    """Resume goes back to the wait the cancel interrupted: the same names, the same
+    deadline; the next step runs only with its signal (never without one and not timed
+    out)."""
     calls: list = []
     wf = durable.workflow("waiter", run_ahead=False)
 
@@ -278,7 +282,7 @@ def test_resume_a_cancelled_awaiting_run_at_its_step(durable, published, db_engi
 
     @wf.step
     def after(ctx):
-        calls.append("after")
+        calls.append(("after", [s.payload for s in ctx.signals], ctx.timed_out))
         return Done("finished")
 
     wid = wf.start({})
@@ -291,13 +295,16 @@ def test_resume_a_cancelled_awaiting_run_at_its_step(durable, published, db_engi
 
     assert durable.resume_workflow(wid, "r-w")["changed"] is True
     row = run_row(db_engine, wid)
-    assert (row["status"], row["step"], row["attempt"]) == ("runnable", stopped["step"], 0)
-    assert (row["await_deadline"], row["await_names"], row["finished_at"], row["error"]) == \
-        (None, None, None, None)
-    assert [m.args for m in published.for_run(wid)] == [[wid, row["seq"]]]
-    drain(durable)  # no signal needed: the resumed run runs "after" directly
+    assert (row["status"], row["step"], row["attempt"]) == ("awaiting", stopped["step"], 0)
+    assert (row["await_names"], row["await_deadline"]) == (["go"], stopped["await_deadline"])
+    assert (row["finished_at"], row["error"], row["cancelled_from"]) == (None, None, None)
+    assert published.for_run(wid) == []  # nothing to run until the signal comes
+    drain(durable)
+    assert calls == ["park"]
+    durable.signal(wid, "go", {"paid": 1})
+    drain(durable)
     assert durable.wait_result(wid, timeout=5) == "finished"
-    assert calls == ["park", "after"]
+    assert calls == ["park", ("after", [{"paid": 1}], False)]
 
 
 def test_resume_leaves_other_statuses_alone(durable, published, db_engine):

@@ -171,12 +171,10 @@ def test_foreach_cap_with_cancel_of_a_started_child_and_resume_of_the_parent_tre
 # ------------------------------------------------------------------ resume x join counter
 
 
-def test_a_resumed_parent_does_not_keep_a_stale_children_pending(durable, published,
-                                                                 db_engine):
-    """Regression (invariant): a parent cancelled while awaiting its children keeps
-    children_pending = N (its children were cancelled in the same statement, so the join
-    never counted them); RESUME does not reset it, so a runnable run reports N pending
-    children in get_workflow()."""
+def test_a_resumed_parent_waits_for_its_children_again(durable, published, db_engine):
+    """A parent cancelled while awaiting its children (the cancel cascades to them) resumes
+    waiting for them: the children the same cancel cancelled resume their own waits, the
+    join counter counts them again, and the join step sees how they really ended."""
     leaf = durable.workflow("seam_leaf")
 
     @leaf.step
@@ -201,12 +199,19 @@ def test_a_resumed_parent_does_not_keep_a_stale_children_pending(durable, publis
     drain(durable)
     assert run_row(db_engine, wid)["children_pending"] == 2
     durable.cancel_workflow(wid, "c")
+    children = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
+                                                 "ORDER BY child_index", p=wid)]
+    assert [durable.get_workflow(c).status for c in children] == ["cancelled"] * 2
     durable.resume_workflow(wid, "r")
     run = durable.get_workflow(wid)
-    assert run.status == "runnable"
-    assert run.children_pending == 0, "a runnable run reports children still pending"
+    assert (run.status, run.children_pending) == ("awaiting_children", 2)
+    assert [durable.get_workflow(c).status for c in children] == ["awaiting"] * 2
     drain(durable)
-    assert durable.wait_result(wid, timeout=5) == ["cancelled", "cancelled"]
+    assert durable.get_workflow(wid).status == "awaiting_children"
+    for child in children:
+        durable.signal(child, "go")
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["done", "done"]
 
 
 # ------------------------------------------------------------------ fork x composition

@@ -116,13 +116,18 @@ def test_a_resumed_child_is_pending_again(durable, published, db_engine):
     assert run_row(db_engine, wid)["children_pending"] == 1
     durable.resume_workflow(mids[0], "r")
     assert run_row(db_engine, wid)["children_pending"] == 2
-    drain(durable)  # the resumed mid re-runs its join (its leaves were cancelled)
-    assert durable.get_workflow(mids[0]).status == "done"
+    # The resumed mid waits for its leaves again (the same cancel had cancelled them).
+    assert run_row(db_engine, mids[0])["status"] == "awaiting_children"
+    assert run_row(db_engine, mids[0])["children_pending"] == 2
+    drain(durable)
+    assert durable.get_workflow(mids[0]).status == "awaiting_children"
     assert durable.get_workflow(wid).status == "awaiting_children"
-    for leaf in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p", p=mids[1]):
-        durable.signal(leaf["id"], "go")
+    for mid in mids:
+        for leaf in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p", p=mid):
+            durable.signal(leaf["id"], "go")
     drain(durable)
     assert durable.wait_result(wid, timeout=5) == [["done", None], ["done", None]]
+    assert durable.get_workflow(mids[0]).result == ["done", "done"]
 
 
 def test_cancelling_a_held_foreach_child_frees_no_slot(durable, published, db_engine):
