@@ -386,5 +386,8 @@ def _compensations(wf: Any, source: ForkSource, copied: int) -> list[dict[str, A
         declared = wf.steps.get(step)
         if declared is not None and declared.compensate is not None \
                 and outcome in ("next", "sleep", "await", "spawn"):
-            stack.append({"step": step, "compensation": declared.compensate, "seq": seq})
+            undo = wf.compensations.get(declared.compensate)
+            queue = wf.queue_for(undo, source.run_queue) if undo is not None else source.queue
+            stack.append({"step": step, "compensation": declared.compensate, "seq": seq,
+                          "queue": queue})
     return stack

@@ -149,17 +149,17 @@ class CronSweep:
         self.durable = durable
 
     def run_once(self, now: datetime | None = None) -> int:
-        """Start the runs of every occurrence due at ``now``; returns runs started."""
-        at = now or _now()
+        """Start the runs of every occurrence due at ``now`` (default: the database's
+        clock, never this host's); returns runs started."""
         durable = self.durable
         dispatches, started = durable.schedules.fire_due(
-            at, lambda s: plan(s.cron, ZoneInfo(s.timezone), s.next_fire_at, at, s.catchup),
+            now, lambda s, at: plan(s.cron, ZoneInfo(s.timezone), s.next_fire_at, at, s.catchup),
             self._target, limit=durable.settings.sweep_batch_size)
         durable._publish_many(dispatches)
         return started
 
     def seconds_to_next(self, now: datetime | None = None) -> float | None:
-        return self.durable.schedules.seconds_to_next(now or _now())
+        return self.durable.schedules.seconds_to_next(now)
 
     def _target(self, schedule: Schedule) -> tuple[str, str]:
         """The first step and queue: from the code if registered here, else as stored."""

@@ -106,9 +106,11 @@ def decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         return invalid(v, f"the step returned an unusable outcome ({type(exc).__name__}: "
                           f"{_safe_str(exc)})")
     if v.step.compensate is not None and t.outcome in ("next", "sleep", "await", "spawn"):
-        # The step completed: its compensation joins the stack (the commit adds its seq).
-        t = replace(t, comp_push=json.dumps({"step": v.step.name,
-                                             "compensation": v.step.compensate}))
+        # The step completed: its compensation joins the stack (the commit adds its seq),
+        # with the queue it runs on (the reaper starts compensations too).
+        t = replace(t, comp_push=json.dumps({
+            "step": v.step.name, "compensation": v.step.compensate,
+            "queue": _compensation_queue(v, v.step.compensate)}))
     return t
 
 

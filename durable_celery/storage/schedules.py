@@ -52,9 +52,11 @@ WHERE name = :name AND paused
 RETURNING {COLUMNS}""")
 DELETE = _q("DELETE FROM {S}.schedules WHERE name = :name")
 
+# The database's clock decides what is due (``:now`` only in tests): a coordinator whose
+# host clock runs ahead never fires early.
 DUE = _q(f"""
-SELECT {COLUMNS} FROM {{S}}.schedules
-WHERE NOT paused AND next_fire_at <= :now
+SELECT {COLUMNS}, COALESCE(CAST(:now AS timestamptz), now()) AS at FROM {{S}}.schedules
+WHERE NOT paused AND next_fire_at <= COALESCE(CAST(:now AS timestamptz), now())
 ORDER BY priority DESC, next_fire_at
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
@@ -67,7 +69,8 @@ UPDATE {S}.schedules SET next_fire_at = :next_fire_at,
 WHERE name = :name
 """)
 
-NEXT = _q("SELECT min(next_fire_at) FROM {S}.schedules WHERE NOT paused")
+NEXT = _q("SELECT EXTRACT(EPOCH FROM min(next_fire_at) - COALESCE(CAST(:now AS timestamptz), "
+           "now()))::float8 FROM {S}.schedules WHERE NOT paused")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,22 +163,24 @@ class ScheduleStore:
             if not conn.execute(DELETE, {"name": name}).rowcount:
                 raise errors.ScheduleNotFound(f"no schedule {name!r}", name=name)
 
-    def seconds_to_next(self, now: datetime) -> float | None:
+    def seconds_to_next(self, now: datetime | None = None) -> float | None:
+        """Seconds until the next occurrence, by the database's clock (or ``now``)."""
         with self.db.connect() as conn:
-            at = conn.execute(NEXT).scalar()
-        return None if at is None else (at - now).total_seconds()
+            value = conn.execute(NEXT, {"now": now}).scalar()
+        return None if value is None else float(value)
 
-    def fire_due(self, now: datetime, plan: Callable[[Schedule], Plan],
+    def fire_due(self, now: datetime | None, plan: Callable[[Schedule, datetime], Plan],
                  target: Callable[[Schedule], tuple[str, str]], *, limit: int,
                  ) -> tuple[list[Dispatch], int]:
-        """Fire what is due at ``now``; returns (messages to publish after commit, runs
-        started). ``target`` gives a schedule's (first step, queue)."""
+        """Fire what is due at ``now`` (None: the database's clock); returns (messages to
+        publish after commit, runs started). ``plan(schedule, at)`` decides the
+        occurrences; ``target`` gives a schedule's (first step, queue)."""
         dispatches: list[Dispatch] = []
         started = 0
         with self.db.begin() as conn:
             for row in conn.execute(DUE, {"now": now, "limit": limit}).mappings().all():
                 schedule = Schedule.from_row(row)
-                decided = plan(schedule)
+                decided = plan(schedule, row["at"])
                 step, queue = target(schedule)
                 for occurrence in decided.fire:
                     wid = run_id(schedule.name, occurrence)

@@ -111,18 +111,22 @@ WHERE r.id = :id AND r.seq = :seq AND NOT r.held
   AND r.eligible_at <= now() + make_interval(secs => :ahead)
   AND (r.status = 'runnable' OR (r.status = 'compensating' AND r.owner IS NULL))
   -- A concurrency key held by an executing run, or a due run ahead of this one in the key's
-  -- queue (priority, then age: first come, first served): stay runnable; the holder's
-  -- commit hands the key to the head (HANDOFF). Racing claims meet the unique index.
+  -- queue (compensations first, then priority, then age: first come, first served): stay
+  -- runnable; the holder's commit hands the key to the head (HANDOFF). Racing claims meet
+  -- the unique index.
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {S}.runs AS e
         WHERE e.concurrency_key = r.concurrency_key AND e.id <> r.id
           AND (e.status = 'executing' OR (e.status = 'compensating' AND e.owner IS NOT NULL)
-               OR (e.status = 'runnable' AND NOT e.held
+               OR (((e.status = 'runnable' AND NOT e.held)
+                    OR (e.status = 'compensating' AND e.owner IS NULL))
                    AND e.eligible_at <= now() + make_interval(secs => :ahead)
-                   AND (e.priority > r.priority
-                        OR (e.priority = r.priority
-                            AND (e.eligible_at, e.created_at, e.id)
-                                < (r.eligible_at, r.created_at, r.id)))))))
+                   AND ((e.status = 'compensating') > (r.status = 'compensating')
+                        OR ((e.status = 'compensating') = (r.status = 'compensating')
+                            AND (e.priority > r.priority
+                                 OR (e.priority = r.priority
+                                     AND (e.eligible_at, e.created_at, e.id)
+                                         < (r.eligible_at, r.created_at, r.id)))))))))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
           r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.parent_id,
           r.status,
@@ -252,13 +256,15 @@ LIMIT 10000
 """)
 
 
-# A run released a concurrency key: the next runnable run waiting for it (by priority, then
-# age) becomes due for the dispatcher now (woken by NOTIFY). Waiters are never polled.
+# A run released a concurrency key: the next run waiting for it (a compensation first, then
+# by priority, then age) becomes due for the dispatcher now (woken by NOTIFY). Waiters are
+# never polled.
 HANDOFF = _q("""
 UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
 WHERE id = (SELECT id FROM {S}.runs
-            WHERE concurrency_key = :key AND status = 'runnable' AND eligible_at <= now()
-            ORDER BY priority DESC, eligible_at, created_at, id
+            WHERE concurrency_key = :key AND eligible_at <= now() AND NOT held
+              AND (status = 'runnable' OR (status = 'compensating' AND owner IS NULL))
+            ORDER BY (status = 'compensating') DESC, priority DESC, eligible_at, created_at, id
             LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING id
 """)

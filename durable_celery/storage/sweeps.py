@@ -96,9 +96,17 @@ SELECT LEAST(
 # A lost forward step goes back to runnable; after max_recoveries it fails, or starts
 # compensating when completed steps have compensations. A lost compensation runs again;
 # after max_recoveries its error is recorded and the next compensation (or the end) follows.
+# An end the reaper decides is committed like a step's: a history row ('fail' or
+# 'compensation_failed', naming the compensation that runs next) and seq + 1; the next
+# compensation goes to the queue its stack entry names.
+# Never waits on a lock: lost runs are taken with SKIP LOCKED, and one whose end its parent
+# must count in this transaction is left for the next pass while the parent row is locked
+# (a caller's transaction that signalled it, say).
 REAP = _q("""
 WITH lost AS (
-  SELECT r.id FROM {S}.runs AS r
+  SELECT r.id, r.parent_id, r.recoveries + 1 >= :max_recoveries AS exhausted,
+         r.status = 'compensating' AS comp, jsonb_array_length(r.compensations) AS pending
+  FROM {S}.runs AS r
   WHERE r.status IN ('executing', 'compensating')
     -- The claim itself proves the owner was alive then: a worker re-registering after a
     -- stall is not reaped for claims it made since. (A compensating run waiting for a
@@ -109,55 +117,79 @@ WITH lost AS (
                       AND w.heartbeat_at >= now() - make_interval(secs => :stale))
   LIMIT :limit
   FOR UPDATE OF r SKIP LOCKED
-), x AS (
-  SELECT r.id, r.recoveries + 1 >= :max_recoveries AS exhausted,
-         r.status = 'compensating' AS comp,
-         jsonb_array_length(r.compensations) AS pending,
+), ending AS (
+  SELECT id, parent_id FROM lost
+  WHERE parent_id IS NOT NULL AND exhausted
+    AND ((NOT comp AND pending = 0) OR (comp AND pending <= 1))
+), parents AS (
+  SELECT p.id FROM {S}.runs AS p WHERE p.id IN (SELECT parent_id FROM ending)
+  FOR UPDATE SKIP LOCKED
+), y AS (
+  SELECT l.id, l.exhausted, l.comp, l.exhausted AND l.comp AS comp_failed,
+         CASE
+           WHEN NOT l.exhausted THEN CASE WHEN l.comp THEN 'compensating' ELSE 'runnable' END
+           WHEN NOT l.comp THEN CASE WHEN l.pending > 0 THEN 'compensating' ELSE 'failed' END
+           WHEN l.pending > 1 THEN 'compensating'
+           ELSE 'compensation_failed'
+         END AS new_status,
+         CASE WHEN l.exhausted AND NOT l.comp AND l.pending > 0 THEN r.compensations -> -1
+              WHEN l.exhausted AND l.comp AND l.pending > 1 THEN r.compensations -> -2
+         END AS next_comp,
          jsonb_build_object('type', 'WorkerLost',
                             'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
-                            'worker', r.owner) AS err
-  FROM {S}.runs AS r JOIN lost ON lost.id = r.id
-), y AS (
-  SELECT x.*, CASE
-      WHEN NOT x.exhausted THEN CASE WHEN x.comp THEN 'compensating' ELSE 'runnable' END
-      WHEN NOT x.comp THEN CASE WHEN x.pending > 0 THEN 'compensating' ELSE 'failed' END
-      WHEN x.pending > 1 THEN 'compensating'
-      ELSE 'compensation_failed'
-    END AS new_status,
-    x.exhausted AND x.comp AS comp_failed,
-    CASE WHEN x.exhausted AND x.comp
-         THEN r.compensation_errors || jsonb_build_array(x.err || jsonb_build_object(
-                  'compensation', r.step, 'attempts', r.attempt + 1))
-         ELSE r.compensation_errors END AS errs
-  FROM x JOIN {S}.runs AS r ON r.id = x.id
+                            'worker', r.owner) AS err,
+         r.step AS ran_step, r.attempt AS ran_attempt, r.owner AS ran_owner,
+         r.started_at AS ran_started
+  FROM lost AS l JOIN {S}.runs AS r ON r.id = l.id
+  WHERE NOT EXISTS (SELECT 1 FROM ending AS e WHERE e.id = l.id
+                    AND NOT EXISTS (SELECT 1 FROM parents AS p WHERE p.id = e.parent_id))
+), z AS (
+  SELECT y.*, CASE WHEN y.comp_failed
+                   THEN r.compensation_errors || jsonb_build_array(y.err || jsonb_build_object(
+                            'compensation', r.step, 'attempts', r.attempt + 1))
+                   ELSE r.compensation_errors END AS errs
+  FROM y JOIN {S}.runs AS r ON r.id = y.id
+), upd AS (
+  UPDATE {S}.runs AS r SET
+    status = z.new_status,
+    finished_at = CASE WHEN z.new_status IN ('failed', 'compensation_failed') THEN now() END,
+    step = COALESCE(z.next_comp ->> 'compensation', r.step),
+    queue = COALESCE(z.next_comp ->> 'queue', r.queue),
+    seq = r.seq + CASE WHEN z.exhausted THEN 1 ELSE 0 END,
+    visit = CASE WHEN z.next_comp IS NOT NULL THEN r.seq + 1 ELSE r.visit END,
+    compensations = CASE WHEN z.comp_failed THEN r.compensations - (-1)
+                         ELSE r.compensations END,
+    compensation_errors = z.errs,
+    failure = CASE WHEN z.exhausted AND NOT z.comp THEN z.err ELSE r.failure END,
+    attempt = CASE WHEN z.exhausted AND z.new_status = 'compensating' THEN 0
+                   ELSE r.attempt + 1 END,
+    recoveries = CASE WHEN z.exhausted AND z.new_status = 'compensating' THEN 0
+                      ELSE r.recoveries + 1 END,
+    error = CASE WHEN z.new_status = 'compensation_failed' THEN jsonb_build_object(
+                     'type', 'CompensationFailed',
+                     'message', 'compensation failed after: '
+                                || COALESCE(r.failure ->> 'message', 'failure'),
+                     'failure', r.failure, 'compensation_errors', z.errs)
+                 ELSE z.err END,
+    owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
+    eligible_at = now(),
+    dispatch_at = CASE WHEN z.new_status IN ('runnable', 'compensating')
+                       THEN now() + make_interval(secs => :redispatch) END,
+    dispatched_at = now(), dispatch_count = 1
+  FROM z WHERE r.id = z.id
+  RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status, r.parent_id,
+            r.spawn_seq, r.state, z.exhausted, z.comp, z.err, z.ran_step, z.ran_attempt,
+            z.ran_owner, z.ran_started
+), h AS (
+  INSERT INTO {S}.steps (run_id, seq, step, attempt, outcome, next_step, state, error,
+                         started_at, worker)
+  SELECT u.id, u.seq, u.ran_step, u.ran_attempt,
+         CASE WHEN u.comp THEN 'compensation_failed' ELSE 'fail' END,
+         CASE WHEN u.status = 'compensating' THEN u.step END, u.state, u.err,
+         u.ran_started, u.ran_owner
+  FROM upd AS u WHERE u.exhausted
 )
-UPDATE {S}.runs AS r SET
-  status = y.new_status,
-  finished_at = CASE WHEN y.new_status IN ('failed', 'compensation_failed') THEN now() END,
-  step = CASE
-      WHEN y.exhausted AND NOT y.comp AND y.pending > 0
-        THEN r.compensations -> -1 ->> 'compensation'
-      WHEN y.comp_failed AND y.pending > 1 THEN r.compensations -> -2 ->> 'compensation'
-      ELSE r.step END,
-  compensations = CASE WHEN y.comp_failed THEN r.compensations - (-1) ELSE r.compensations END,
-  compensation_errors = y.errs,
-  failure = CASE WHEN y.exhausted AND NOT y.comp THEN y.err ELSE r.failure END,
-  attempt = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
-                 ELSE r.attempt + 1 END,
-  recoveries = CASE WHEN y.exhausted AND y.new_status = 'compensating' THEN 0
-                    ELSE r.recoveries + 1 END,
-  error = CASE WHEN y.new_status = 'compensation_failed' THEN jsonb_build_object(
-                   'type', 'CompensationFailed',
-                   'message', 'compensation failed after: '
-                              || COALESCE(r.failure ->> 'message', 'failure'),
-                   'failure', r.failure, 'compensation_errors', y.errs)
-               ELSE y.err END,
-  owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
-  eligible_at = now(), dispatch_at = now() + make_interval(secs => :redispatch),
-  dispatched_at = now(), dispatch_count = 1
-FROM y WHERE r.id = y.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status, r.parent_id,
-          r.spawn_seq
+SELECT id, workflow, step, seq, queue, priority, status, parent_id, spawn_seq FROM upd
 """)
 
 DELETE_DEAD_WORKERS = _q("""
@@ -167,16 +199,41 @@ WHERE heartbeat_at < now() - make_interval(secs => :stale)
                   AND r.owner = workers.id)
 """)
 
-# A finished child whose parent is still live is kept: the parent's next step reads it.
+# Retention deletes whole finished trees: a run without a parent (or whose parent is gone)
+# finished longer than :retention ago, with every descendant (history and signals go by
+# cascade). A tree is left alone while any of its runs is live or locked: a resume of the
+# root or of a child in flight (its row is locked, then live) keeps the children its join
+# step reads, and a child resumed after its parent ended keeps its tree.
 GC = _q("""
-DELETE FROM {S}.runs WHERE id IN (
+WITH RECURSIVE roots AS (
   SELECT r.id FROM {S}.runs AS r
   WHERE r.finished_at < now() - make_interval(secs => :retention)
-    AND (r.parent_id IS NULL OR NOT EXISTS (
-           SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id AND p.finished_at IS NULL))
+    AND (r.parent_id IS NULL
+         OR NOT EXISTS (SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id))
   ORDER BY r.finished_at
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
+), tree AS (
+  SELECT id AS root, id, 0 AS depth FROM roots
+  UNION ALL
+  SELECT t.root, c.id, t.depth + 1 FROM {S}.runs AS c JOIN tree AS t ON c.parent_id = t.id
+  WHERE t.depth < 100
+), locked AS (
+  SELECT c.id FROM {S}.runs AS c
+  WHERE c.id IN (SELECT id FROM tree WHERE depth > 0) AND c.finished_at IS NOT NULL
+  FOR UPDATE SKIP LOCKED
+), doomed AS (
+  SELECT t.root FROM tree AS t LEFT JOIN locked AS l ON l.id = t.id
+  GROUP BY t.root
+  HAVING bool_and(t.depth = 0 OR l.id IS NOT NULL)
+)
+DELETE FROM {S}.runs WHERE id IN (SELECT t.id FROM tree AS t JOIN doomed USING (root))
+""")
+
+EXPIRE_EARLY_SIGNALS = _q("""
+DELETE FROM {S}.early_signals WHERE id IN (
+  SELECT id FROM {S}.early_signals WHERE expires_at <= now()
+  ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED
 )
 """)
 
@@ -207,20 +264,28 @@ WHERE status IN ('executing', 'compensating') AND owner = :id
 DELETE_WORKER = _q("DELETE FROM {S}.workers WHERE id = :id")
 
 # The safety net of HANDOFF: keys that no run executes, whose waiters nobody was sent for
-# ``quiet`` seconds (a cancel or the reaper freed the key): the first waiter is due now.
+# ``quiet`` seconds (a cancel or the reaper freed the key): the head waiter (compensations
+# first, as HANDOFF) is due now. A head whose row is locked is left for the next pass: this
+# runs first in every dispatcher pass and must never wait on a lock.
 WAKE_FREE_KEYS = _q("""
 UPDATE {S}.runs SET dispatch_at = now(), dispatch_count = 0, updated_at = now()
 WHERE id IN (
-  SELECT DISTINCT ON (w.concurrency_key) w.id FROM {S}.runs AS w
-  WHERE w.status = 'runnable' AND w.concurrency_key IS NOT NULL AND w.eligible_at <= now()
-    AND w.dispatch_at > now()
-    AND NOT EXISTS (SELECT 1 FROM {S}.runs AS e WHERE e.concurrency_key = w.concurrency_key
-                    AND (e.status = 'executing'
-                         OR (e.status = 'compensating' AND e.owner IS NOT NULL)
-                         OR (e.status = 'runnable' AND (e.dispatch_at <= now()
-                             OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
-  ORDER BY w.concurrency_key, w.priority DESC, w.eligible_at, w.created_at, w.id
-  LIMIT :limit
+  SELECT r.id FROM {S}.runs AS r
+  WHERE r.id IN (
+    SELECT DISTINCT ON (w.concurrency_key) w.id FROM {S}.runs AS w
+    WHERE w.concurrency_key IS NOT NULL AND w.eligible_at <= now() AND w.dispatch_at > now()
+      AND ((w.status = 'runnable' AND NOT w.held)
+           OR (w.status = 'compensating' AND w.owner IS NULL))
+      AND NOT EXISTS (SELECT 1 FROM {S}.runs AS e WHERE e.concurrency_key = w.concurrency_key
+                      AND (e.status = 'executing'
+                           OR (e.status = 'compensating' AND e.owner IS NOT NULL)
+                           OR (e.status IN ('runnable', 'compensating') AND e.owner IS NULL
+                               AND (e.dispatch_at <= now()
+                                    OR e.dispatched_at > now() - make_interval(secs => :quiet)))))
+    ORDER BY w.concurrency_key, (w.status = 'compensating') DESC, w.priority DESC,
+             w.eligible_at, w.created_at, w.id
+    LIMIT :limit)
+  FOR UPDATE SKIP LOCKED
 )
 """)
 

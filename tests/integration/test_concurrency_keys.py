@@ -218,3 +218,113 @@ def test_waiters_take_the_key_in_order_no_newcomer_jumps_the_queue(durable, publ
     assert executor.execute(durable, b, 0) == "committed"
     assert executor.execute(durable, c, 0) == "committed"
     assert {durable.get_workflow(w).status for w in (a, b, c, urgent)} == {"done"}
+
+
+def declare_saga(durable):
+    wf = durable.workflow("keyed_saga", run_ahead=False)
+
+    @wf.step(compensate="undo")
+    def reserve(ctx):
+        return None
+
+    @wf.step
+    def pay(ctx):
+        return Done("paid")
+
+    @wf.compensation
+    def undo(ctx):
+        return None
+
+    return wf
+
+
+def make_compensating(engine, wid):
+    """As a failed step (or the reaper) leaves a saga: compensating, waiting for a claim,
+    its message long gone (dispatch in an hour)."""
+    execute_sql(engine, "UPDATE {S}.runs SET status = 'compensating', step = 'undo', seq = 2, "
+                        "failure = '{\"type\": \"Fail\"}', compensations = "
+                        "'[{\"step\": \"reserve\", \"compensation\": \"undo\", \"seq\": 1}]', "
+                        "eligible_at = now(), dispatch_at = now() + interval '1 hour' "
+                        "WHERE id = :id", id=wid)
+
+
+def test_a_key_holders_end_hands_the_key_to_a_waiting_compensation(durable, published,
+                                                                   blocking, gate, db_engine):
+    """Finding 10: H holds the key; a runnable newcomer N (older) and a compensating saga A
+    wait for it. H's commit hands the key to A's compensation, which goes first."""
+    saga = declare_saga(durable)
+    h = blocking.start(concurrency_key="acct:3")
+    holder = start_threads([lambda: executor.execute(durable, h, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    n = saga.start({}, concurrency_key="acct:3")
+    a = saga.start({}, concurrency_key="acct:3")
+    make_compensating(db_engine, a)
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() + interval '1 hour' "
+                           "WHERE id = :id", id=n)
+    gate.set()
+    assert holder.value() == "committed"
+    assert run_row(db_engine, a)["dispatch_at"] <= run_row(db_engine, a)["updated_at"]
+    assert run_row(db_engine, n)["dispatch_at"] > run_row(db_engine, n)["updated_at"]
+    assert executor.execute(durable, n, 0) == "stale"  # the compensation is ahead
+    assert executor.execute(durable, a, 2) == "committed"
+    assert durable.get_workflow(a).status == "compensated"
+    drain(durable)
+    assert durable.wait_result(n, timeout=5) == "paid"
+
+
+def test_a_waiting_compensation_is_woken_when_a_cancel_frees_the_key(durable, published,
+                                                                     blocking, gate, db_engine):
+    saga = declare_saga(durable)
+    h = blocking.start(concurrency_key="acct:4")
+    holder = start_threads([lambda: executor.execute(durable, h, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    a = saga.start({}, concurrency_key="acct:4")
+    make_compensating(db_engine, a)
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatched_at = now() - interval '1 hour' "
+                           "WHERE id = :id", id=a)
+    durable.cancel_workflow(h, "cancel-h")  # frees the key without a hand-off
+    assert durable.store.wake_free_keys(100, quiet=0.0) == 1
+    assert run_row(db_engine, a)["dispatch_at"] <= run_row(db_engine, a)["updated_at"]
+    gate.set()
+    assert holder.value() == "lease_lost"
+    drain(durable)
+    assert durable.get_workflow(a).status == "compensated"
+
+
+def test_a_locked_waiter_never_blocks_a_coordinator_pass(durable, published, blocking, gate,
+                                                         db_engine, monkeypatch):
+    """Finding 9: the head waiter of a freed key is row-locked by a caller's open
+    transaction; every sweep of the pass still runs (here: a timer is published)."""
+    from sqlalchemy import orm
+
+    from durable_celery.coordinator import sweeps
+
+    monkeypatch.setattr(sweeps, "KEY_QUIET", 0.0)
+    a = blocking.start(concurrency_key="acct:12")
+    b = blocking.start(concurrency_key="acct:12")
+    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    assert blocking.entered.acquire(timeout=10)
+    assert executor.execute(durable, b, 0) == "stale"
+    durable.cancel_workflow(a, "cancel-a")
+    gate.set()
+    holder.value()
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() + interval '1 hour', "
+                           "dispatched_at = now() - interval '1 hour' WHERE id = :id", id=b)
+    wf = durable.workflow("timer")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    with orm.Session(db_engine) as session, session.begin():
+        durable.signal(b, "note", connection=session)  # locks b's row until commit
+        timer = wf.start({}, delay=0.2)
+        published.clear()
+        import time
+
+        time.sleep(0.3)
+        (pass_,) = start_threads([lambda: durable.coordinator().run_once()])
+        pass_.value(timeout=5)  # would hang while the session holds b's row
+        assert published.for_run(timer)
+    durable.coordinator().dispatcher.run_once()  # lock gone: b is woken now
+    assert published.for_run(b)

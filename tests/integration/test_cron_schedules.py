@@ -225,3 +225,23 @@ def test_a_failing_cron_sweep_never_holds_up_dispatching(durable, published, rep
     monkeypatch.setattr(coordinator.cron, "run_once", broken)
     coordinator._pass()
     assert [m.args for m in published.sent] == [[wid, 0]]
+
+
+def test_the_database_clock_decides_not_the_hosts(durable, published, report, db_engine,
+                                                  monkeypatch):
+    """Finding 14: a coordinator whose host clock runs a minute ahead fires nothing early;
+    the occurrence fires once the database's clock reaches it."""
+    from durable_celery.coordinator import cron
+
+    durable.schedule("skewed", report, cron="* * * * *")
+    db_now = scalar(db_engine, "SELECT now()")
+    soon = db_now + timedelta(seconds=30)
+    place(db_engine, "skewed", soon)
+    monkeypatch.setattr(cron, "_now", lambda: datetime.now(UTC) + timedelta(seconds=60))
+    sweep = CronSweep(durable)
+    assert sweep.run_once() == 0
+    assert cron_runs(db_engine, "skewed") == []
+    assert 25 < sweep.seconds_to_next() <= 30
+    place(db_engine, "skewed", db_now - timedelta(seconds=1))
+    assert sweep.run_once() == 1
+    assert len(cron_runs(db_engine, "skewed")) == 1

@@ -74,3 +74,79 @@ def test_gc_deletes_old_finished_runs_in_batches(make_durable, db_engine, monkey
     assert durable.get_workflow(runnable).status == "runnable"
 
     assert durable.coordinator().collector.run_once() == 0
+
+
+def declare_tree(durable, broken):
+    from durable_celery import Spawn
+
+    leaf = durable.workflow("gc_leaf")
+
+    @leaf.step
+    def work(ctx):
+        return Done("leaf-result")
+
+    root = durable.workflow("gc_root")
+
+    @root.step
+    def fan(ctx):
+        return Spawn([leaf.child({}), leaf.child({})])
+
+    @root.step
+    def join(ctx):
+        if broken:
+            raise RuntimeError("join broken")
+        return Done([c.result for c in ctx.children])
+
+    return root
+
+
+def test_gc_deletes_a_finished_tree_whole_and_keeps_children_of_live_parents(
+        make_durable, db_engine, monkeypatch):
+    durable = make_durable(retention=timedelta(hours=1))
+    Recorder().install(durable, monkeypatch)
+    root = declare_tree(durable, [])
+    done = root.start()
+    drain(durable)
+    assert durable.wait_result(done, timeout=1) == ["leaf-result"] * 2
+    every = [done] + [r for (r,) in rows_(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p",
+                                         p=done)]
+    execute_sql(db_engine, "UPDATE {S}.runs SET finished_at = now() - interval '2 hours' "
+                           "WHERE id = ANY(:ids)", ids=every)
+    assert durable.store.collect_garbage(retention_seconds=3600, limit=100) == 3
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.runs") == 0
+
+
+def test_gc_never_deletes_the_children_of_a_parent_being_resumed(make_durable, db_engine,
+                                                                 monkeypatch):
+    """Finding 11: the parent's join step failed; past retention, a resume of the parent is
+    in flight (its transaction not committed) while a GC pass runs. The children stay, and
+    the resumed join step reads them."""
+    import threading
+
+    durable = make_durable(retention=timedelta(hours=1))
+    Recorder().install(durable, monkeypatch)
+    broken = [True]
+    root = declare_tree(durable, broken)
+    wid = root.start()
+    drain(durable)
+    assert durable.get_workflow(wid).status == "failed"
+    execute_sql(db_engine, "UPDATE {S}.runs SET finished_at = now() - interval '2 hours'")
+    controls = durable.controls
+    with durable._holder.begin() as conn:
+        assert controls.store.resume(conn, wid) is not None
+        result: list = []
+        gc = threading.Thread(target=lambda: result.append(
+            durable.store.collect_garbage(retention_seconds=3600, limit=100)))
+        gc.start()
+        gc.join(10)
+        assert not gc.is_alive() and result == [0]
+    broken.clear()
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["leaf-result"] * 2
+
+
+def rows_(engine, sql, **params):
+    from tests.integration.support import q
+
+    with engine.connect() as conn:
+        return conn.execute(q(sql), params).all()

@@ -224,3 +224,128 @@ def test_close_leaves_no_worker_row_and_no_connection_behind(make_durable, db_en
         durable._holder.dispose()  # do not leak a re-created engine into later tests
     assert (ghosts, connections) == (0, 0), (
         "after close(): worker rows for this process, open durable_celery connections")
+
+
+def declare_trip(durable):
+    """book (compensated by refund, on queue "payments") -> pay."""
+    from durable_celery import Next
+
+    wf = durable.workflow("trip", run_ahead=False)
+
+    @wf.step(compensate="refund")
+    def book(ctx):
+        return Next("pay")
+
+    @wf.step
+    def pay(ctx):
+        return Done("paid")
+
+    @wf.compensation(queue="payments")
+    def refund(ctx):
+        return None
+
+    return wf
+
+
+def lose_step(durable, engine, wid):
+    """The current step's worker dies holding it."""
+    run = durable.get_workflow(wid)
+    add_worker(durable, engine, DEAD, heartbeat_age=3600)
+    assert durable.store.claim(wid, run.seq, DEAD) is not None
+    age_claims(engine, DEAD)
+
+
+def test_a_compensation_the_reaper_starts_goes_to_its_own_queue(make_durable, db_engine,
+                                                                recorder):
+    """Finding 12 and 13: after max_recoveries the reaper starts compensating, on the
+    compensation's queue, and writes the 'fail' history row like a commit does; fork by
+    step number then counts the forward history only."""
+    durable = make_durable(max_recoveries=1)
+    published = recorder(durable)
+    wf = declare_trip(durable)
+    wid = wf.start({})
+    drain(durable, max_steps=1)  # book done; pay next
+    lose_step(durable, db_engine, wid)
+    published.clear()
+    durable.coordinator().reaper.run_once()
+    row = run_row(db_engine, wid)
+    assert (row["status"], row["step"], row["queue"]) == ("compensating", "refund", "payments")
+    assert [m.options["queue"] for m in published.for_run(wid)] == ["payments"]
+    history = [(s.seq, s.step, s.outcome, s.next_step) for s in durable.workflow_steps(wid)]
+    assert history == [(1, "book", "next", "pay"), (2, "pay", "fail", "refund")]
+    assert row["seq"] == 2
+    drain(durable)
+    assert durable.get_workflow(wid).status == "compensated"
+    history = [(s.seq, s.step, s.outcome) for s in durable.workflow_steps(wid)]
+    assert history == [(1, "book", "next"), (2, "pay", "fail"), (3, "refund", "compensated")]
+    fork = durable.fork_workflow(wid, "fork-2", start_step=2)
+    assert durable.get_workflow(fork["workflow_id"]).step == "pay"
+
+
+def test_a_run_the_reaper_fails_gets_its_history_row(make_durable, db_engine, recorder):
+    durable = make_durable(max_recoveries=1)
+    recorder(durable)
+    attempts: list = []
+    wf = declare_work(durable, attempts)
+    wid = wf.start({})
+    lose_step(durable, db_engine, wid)
+    durable.coordinator().reaper.run_once()
+    run = durable.get_workflow(wid)
+    assert (run.status, run.seq, run.error["type"]) == ("failed", 1, "WorkerLost")
+    [entry] = durable.workflow_steps(wid)
+    assert (entry.seq, entry.step, entry.outcome, entry.worker) == (1, "charge", "fail", DEAD)
+
+
+def test_a_locked_parent_never_blocks_the_reaper(make_durable, db_engine, recorder):
+    """P2: a child's end must be counted on its parent in the reaper's transaction; while a
+    caller's transaction holds the parent's row, that child waits for the next pass and the
+    rest of the pass goes on."""
+    from durable_celery import Spawn
+
+    durable = make_durable(max_recoveries=1)
+    recorder(durable)
+    attempts: list = []
+    leaf = declare_work(durable, attempts)
+    other = durable.workflow("other")
+
+    @other.step
+    def solo(ctx):
+        return Done()
+
+    root = durable.workflow("root")
+
+    @root.step
+    def fan(ctx):
+        return Spawn([leaf.child({})])
+
+    @root.step
+    def join(ctx):
+        return Done([c.status for c in ctx.children])
+
+    wid = root.start({})
+    drain(durable, max_steps=1)
+    [child] = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p",
+                                     p=wid)]
+    lone = other.start({})
+    lose_step(durable, db_engine, child)
+    assert durable.store.claim(lone, 0, DEAD) is not None
+    age_claims(db_engine, DEAD)
+    with db_engine.connect() as locker:
+        tx = locker.begin()
+        locker.execute(q_("SELECT id FROM {S}.runs WHERE id = :id FOR UPDATE"), {"id": wid})
+        (pass_,) = start_threads([lambda: durable.coordinator().reaper.run_once()])
+        assert pass_.value(timeout=5) == 1  # the other run only
+        assert run_row(db_engine, lone)["status"] == "failed"  # no parent to count it
+        tx.commit()
+    assert run_row(db_engine, child)["status"] == "executing"
+    durable.coordinator().reaper.run_once()
+    assert run_row(db_engine, child)["status"] == "failed"
+    assert run_row(db_engine, wid)["status"] == "runnable"
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["failed"]
+
+
+def q_(sql):
+    from tests.integration.support import q
+
+    return q(sql)

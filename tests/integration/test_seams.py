@@ -60,9 +60,10 @@ def test_a_running_compensation_holds_its_concurrency_key(durable, published, db
     assert claimed_b is None
 
 
-def test_a_waiting_step_blocks_no_compensation_it_should_not(durable, published, db_engine):
-    """Invariant (holds): an executing holder keeps a waiting compensation of the same key
-    from being claimed, and the holder's commit frees the key for it."""
+def test_a_waiting_compensation_goes_first_in_its_key_queue(durable, published, db_engine):
+    """Finding 10: a compensation waiting for its concurrency key is ahead of runs that
+    arrive later: a newcomer's claim is refused, the compensation claims the key, and its
+    end hands the key on to the newcomer."""
     wf = durable.workflow("keyed_saga2")
 
     @wf.step(compensate="undo")
@@ -71,23 +72,25 @@ def test_a_waiting_step_blocks_no_compensation_it_should_not(durable, published,
 
     @wf.step
     def pay(ctx):
-        return Fail("declined")
+        return Fail("declined") if ctx.state.get("decline") else Done("paid")
 
     @wf.compensation
     def undo(ctx):
         return None
 
-    a = wf.start(concurrency_key="acct:2")
+    a = wf.start({"decline": True}, concurrency_key="acct:2")
     drain(durable, max_steps=2)
     seq_a = run_row(db_engine, a)["seq"]
-    b = wf.start(concurrency_key="acct:2")
-    claimed_b = durable.store.claim(b, 0, "worker-b")
-    assert claimed_b is not None
-    assert durable.store.claim(a, seq_a, "worker-a") is None
-    assert durable.store.release(claimed_b[0], after=0.0)  # b hands its claim back
+    assert run_row(db_engine, a)["status"] == "compensating"
+    b = wf.start({}, concurrency_key="acct:2")
+    assert durable.store.claim(b, 0, "worker-b") is None  # the compensation is ahead
+    claimed_a = durable.store.claim(a, seq_a, "worker-a")
+    assert claimed_a is not None and claimed_a[0].compensating
+    assert durable.store.release(claimed_a[0], after=0.0)
+    published.clear()
     drain(durable)
     assert durable.get_workflow(a).status == "compensated"
-    assert durable.get_workflow(b).status == "compensated"
+    assert durable.wait_result(b, timeout=5) == "paid"
 
 
 # ------------------------------------------------------------------ foreach cap x resume

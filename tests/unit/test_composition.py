@@ -176,7 +176,8 @@ def test_compensate_must_name_a_declared_compensation(fake_durable: FakeDurable)
 def test_a_completed_step_pushes_its_compensation(trip: Workflow) -> None:
     t = outcomes.decide(visit(trip, "book_flight"), None, {"s": 2})
     assert json.loads(t.comp_push or "") == {"step": "book_flight",
-                                             "compensation": "cancel_flight"}
+                                             "compensation": "cancel_flight",
+                                             "queue": "default"}
     assert outcomes.decide(visit(trip, "book_flight"), Retry(1), {}).comp_push is None
     assert outcomes.decide(visit(trip, "pay"), Next("join"), {}).comp_push is None
 
