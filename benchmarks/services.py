@@ -86,11 +86,11 @@ def broker_url(flag: str | None, redis: str) -> str:
 
 
 def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    query = ""
-    if "?" in url.rpartition("/")[2]:
-        query = "?" + url.rpartition("/")[2].split("?", 1)[1]
-    return f"{base}/{name}{query}"
+    """The URL of database ``name`` on the server of ``url``. Parsed, not split on "/": an
+    embedded Postgres is reached through a socket folder in the query (``?host=/tmp/...``)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 class Database:

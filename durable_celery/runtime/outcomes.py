@@ -155,6 +155,8 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
                 reason = f"<unprintable {type(reason).__name__}>"
         message = payloads.printable(reason if isinstance(reason, str) else
                                      payloads.check(reason, what="reason", max_bytes=10**7), 2000)
+        if reason is None or not message.strip():  # Fail() or Fail(""): say what happened
+            message = f"step {v.step.name!r} returned Fail without a reason"
         return _failed(v, state, {"type": "Fail", "message": message, "reason": reason})
     if isinstance(returned, Retry):
         delay = _seconds(returned.delay, "Retry delay")

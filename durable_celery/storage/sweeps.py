@@ -34,20 +34,24 @@ def eta_for(now: float, wait: float | None, lead: float) -> float | None:
 # time, so a timer's overshoot is not this statement, the publish and the delivery.
 DISPATCH_DUE = _q("""
 WITH due AS (
-  SELECT id FROM {S}.runs
+  SELECT id, dispatch_at FROM {S}.runs
   WHERE status IN ('runnable', 'compensating') AND owner IS NULL
     AND dispatch_at <= now() + make_interval(secs => :lead)
   ORDER BY priority DESC, dispatch_at
   LIMIT :limit
   FOR UPDATE SKIP LOCKED
+), sent AS (
+  UPDATE {S}.runs AS r SET
+    dispatched_at = now(), dispatch_count = r.dispatch_count + 1, updated_at = now(),
+    dispatch_at = GREATEST(r.eligible_at, now()) + make_interval(secs => LEAST(
+        :redispatch * power(2, LEAST(r.dispatch_count, 30)), :max_backoff))
+  FROM due WHERE r.id = due.id
+  RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, due.dispatch_at AS due_at,
+            EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS wait
 )
-UPDATE {S}.runs AS r SET
-  dispatched_at = now(), dispatch_count = r.dispatch_count + 1, updated_at = now(),
-  dispatch_at = GREATEST(r.eligible_at, now()) + make_interval(secs => LEAST(
-      :redispatch * power(2, LEAST(r.dispatch_count, 30)), :max_backoff))
-FROM due WHERE r.id = due.id
-RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority,
-          EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS wait
+-- UPDATE ... RETURNING keeps no order: publish the highest priority first, as picked.
+SELECT id, workflow, step, seq, queue, priority, wait FROM sent
+ORDER BY priority DESC, due_at
 """)
 
 # Does this lease still hold the run (a claim taken ahead of the due time, before its step)?

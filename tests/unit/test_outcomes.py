@@ -413,6 +413,14 @@ def test_fail_with_a_reason(wf: Workflow) -> None:
     assert json.loads(t.state) == {"s": 1}
 
 
+@pytest.mark.parametrize("reason", [None, "", "   "])
+def test_fail_without_a_reason_still_says_what_happened(wf: Workflow, reason: Any) -> None:
+    t = outcomes.decide(visit(wf, "pay"), Fail(reason), {})
+    error = json.loads(t.error or "null")
+    assert error["type"] == "Fail"
+    assert error["message"] == "step 'pay' returned Fail without a reason"
+
+
 def test_fail_with_a_json_reason_keeps_it(wf: Workflow) -> None:
     t = outcomes.decide(visit(wf), Fail({"code": 402}), {})
     assert error_of(t)["reason"] == {"code": 402}
