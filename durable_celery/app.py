@@ -15,11 +15,12 @@ from typing import Any
 
 from celery import Celery
 
-from durable_celery import errors, payloads
+from durable_celery import errors, forksafe, payloads
 from durable_celery import settings as settings_mod
 from durable_celery import signals as signals_mod
 from durable_celery.definitions import Workflow, check_name, check_run_ahead, check_seconds
-from durable_celery.runtime import executor
+from durable_celery.runtime import executor, limits
+from durable_celery.runtime.readiness import Readiness
 from durable_celery.runtime.worker import WorkerIdentity
 from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage import outbox
@@ -79,15 +80,15 @@ class Durable:
                 "only works with apps that never unpickle: set accept_content=['json']"
             )
         self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size,
-                                    idle_in_transaction_timeout=self.settings.stale_after)
+                                    liveness=self.settings.stale_after)
         self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
                            redispatch_max_backoff=self.settings.redispatch_max_backoff)
         self.schedules = ScheduleStore(self._holder, self.store)
         self._workflows: dict[tuple[str, int], Workflow] = {}
         self._latest: dict[str, Workflow] = {}
         self._tasks: set[str] = set()
-        self._ready_pid = 0
-        self._ready_lock = threading.Lock()
+        self._readiness = Readiness(self._prepare)
+        self._ident_lock = forksafe.Lock()
         self._ident: WorkerIdentity | None = None
         self._coordinator: Any = None
         self._redis_broker: bool | None = None
@@ -198,8 +199,19 @@ class Durable:
         durable = self
 
         def run_step(task: Any, workflow_id: Any, seq: Any) -> None:
-            # A timer published ahead of its due time comes with an eta (timer_lead).
-            executor.execute(durable, workflow_id, seq, early=task.request.eta is not None)
+            try:
+                # A timer published ahead of its due time comes with an eta (timer_lead).
+                # Under a Celery time limit, every step is its own task (no run-ahead).
+                executor.execute(durable, workflow_id, seq, early=task.request.eta is not None,
+                                 run_ahead=not limits.applies(task))
+            except (errors.StorageError, errors.ConfigurationError) as exc:
+                if isinstance(exc, errors.StorageError) and not exc.transient:
+                    raise
+                # The database is away or not migrated: readiness logged it (one line, no
+                # traceback); this message, a hint, waits in the broker for the backoff.
+                wait = exc.retry_in if isinstance(exc, errors.NotReady) \
+                    else durable._readiness.failed(exc)
+                raise task.retry(countdown=max(wait, 0.5), max_retries=None) from None
 
         run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
         # shared=False: the task belongs to this app only. No queue= option (deprecated in
@@ -220,17 +232,25 @@ class Durable:
     def migrate(self) -> list[int]:
         """Apply pending migrations (safe to call concurrently); returns versions applied."""
         applied = migrate_mod.migrate(self._holder)
-        self._ready_pid = os.getpid()
+        self._readiness.succeeded()
         return applied
 
-    def _ensure_ready(self) -> None:
-        if self._ready_pid == os.getpid():
-            return
-        with self._ready_lock:
-            if self._ready_pid != os.getpid():
-                if self.settings.auto_migrate:
-                    self.migrate()
-                self._ready_pid = os.getpid()
+    def _prepare(self) -> None:
+        """Make this process's database usable: migrate, or (auto_migrate off) check."""
+        if self.settings.auto_migrate:
+            migrate_mod.migrate(self._holder)
+        else:
+            migrate_mod.check(self._holder)
+
+    def _ensure_ready(self, *, wait: bool = True) -> None:
+        # No lock around the migration (a forked child must never inherit a held lock):
+        # concurrent migrations serialize on the database's advisory lock.
+        self._readiness.ensure(wait=wait)
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether this process can use the database: ``{"ready", "reason", "retry_in"}``.
+        ``reason`` says what is wrong and what to do (a worker also logs it)."""
+        return self._readiness.state()
 
     # ------------------------------------------------------------------ runs
 
@@ -515,7 +535,7 @@ class Durable:
         ident = self._ident
         if ident is not None and ident.pid == os.getpid():
             return ident
-        with self._ready_lock:  # threads pool: one identity per process
+        with self._ident_lock:  # threads pool: one identity per process
             ident = self._ident
             if ident is None or ident.pid != os.getpid():
                 ident = self._ident = WorkerIdentity(

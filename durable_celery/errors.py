@@ -54,6 +54,19 @@ class StorageError(DurableCeleryError):
         return bool(self.details.get("transient"))
 
 
+class NotReady(StorageError):
+    """durable_celery cannot use its database yet (unreachable, or its schema not migrated);
+    it tries again after a backoff (``retry_in`` seconds)."""
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+    @property
+    def retry_in(self) -> float:
+        return float(self.details.get("retry_in") or 0.0)
+
+
 class InvalidArgument(DurableCeleryError, ValueError):
     """Invalid argument."""
 

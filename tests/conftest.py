@@ -83,7 +83,8 @@ def make_durable(database_url: str, redis_url: str, clean_db: sa.Engine,
                      set_as_current=False)
         app.conf.task_default_queue = queue
         app.conf.broker_connection_retry_on_startup = True
-        durable = Durable(app, database_url=database_url, **{**FAST, **settings})
+        options = {"database_url": database_url, **FAST, **settings}
+        durable = Durable(app, **options)
         created.append(durable)
         return durable
 

@@ -1,5 +1,14 @@
 """Plug durable_celery into ``celery worker``: a bootstep runs the coordinator in every
-worker; process signals keep worker identities fork-safe and release them on shutdown."""
+worker; process signals keep worker identities fork-safe and release them on shutdown.
+
+Order matters on a warm shutdown. The bootstep requires the Pool, so it starts after the
+pool (pool children are forked before the coordinator thread exists) and stops before it;
+stopping only stops the coordinator. The runs this process executes are released on
+``worker_shutdown``, which Celery sends once the pool has drained: a step still running
+in a pool thread finishes and commits first, and nothing it holds is handed to another
+worker meanwhile. Prefork children release theirs when they exit
+(``worker_process_shutdown``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery import signals as celery_signals
+from celery.worker import control
+
+from durable_celery import errors
+from durable_celery.runtime import limits
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
@@ -22,18 +35,23 @@ def install(durable: Durable) -> None:
         """Migrates the schema (if auto_migrate) and runs the coordinator sweeps."""
 
         label = "durable_celery coordinator"
+        requires = ("celery.worker.components:Pool",)
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.coordinator: Any = None
+            # Created before the pool forks its children: they see the worker's limits.
+            limits.worker_limits(getattr(parent, "time_limit", None),
+                                 getattr(parent, "soft_time_limit", None))
 
         def start(self, parent: Any) -> None:
             durable.check_definitions()  # a definition error stops the worker at start
             try:
                 durable._ensure_ready()
-            except Exception:  # the database may come later: the worker must still start
-                log.error("durable_celery: database not ready at worker start; will retry",
-                          exc_info=True)
+            except errors.DurableCeleryError:
+                # Logged by readiness in one line (what is wrong, what to do). The worker
+                # starts anyway: steps wait in the broker, the coordinator retries.
+                pass
             if durable.settings.coordinator:
                 self.coordinator = durable.coordinator()
                 self.coordinator.start()
@@ -43,13 +61,28 @@ def install(durable: Durable) -> None:
             if self.coordinator is not None:
                 self.coordinator.stop()
                 self.coordinator = None
-            durable._release_identity()
 
     durable.app.steps["worker"].add(DurableCoordinator)
     _instances.append(durable)
+
+
+@celery_signals.worker_shutdown.connect(weak=False)
+def _release_after_drain(**_: Any) -> None:
+    """The pool has drained (threads, solo): release what this process still holds."""
+    for durable in _instances:
+        durable._release_identity()
 
 
 @celery_signals.worker_process_shutdown.connect(weak=False)
 def _release_on_shutdown(**_: Any) -> None:
     for durable in _instances:
         durable._release_identity()
+
+
+@control.inspect_command()  # type: ignore[misc]
+def durable_status(state: Any, **_: Any) -> dict[str, Any]:
+    """``celery -A app inspect durable_status``: whether this worker can use its database
+    (and what to do if not), per Durable of its app."""
+    app = state.consumer.app
+    found = [d for d in _instances if d.app is app]
+    return {"durable_celery": [d.readiness() for d in found]}

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from durable_celery import errors
 from durable_celery.coordinator.cron import CronSweep
 from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
 from durable_celery.storage.listener import Listener
@@ -53,7 +54,7 @@ class Coordinator:
             self._thread.join(timeout)
 
     def run_forever(self) -> None:
-        listener = self._listener = Listener(self.durable._holder.url)
+        listener = self._listener = Listener(self.durable._holder)
         try:
             while not self._stop.is_set():
                 listener.wait(self._pass())
@@ -68,7 +69,9 @@ class Coordinator:
         """Run what is due; return how long to sleep."""
         interval = self.durable.settings.sweep_interval
         try:
-            self.durable._ensure_ready()  # migrations, once per process (a no-op after)
+            # Migrations once per process (a no-op after); while the database is away or
+            # not migrated, one log line per backoff, no traceback, no spinning.
+            self.durable._ensure_ready(wait=False)
             # Due timers first: the other sweeps' statements would add to every overshoot.
             done = self.dispatcher.run_once()
             now = time.monotonic()
@@ -94,6 +97,11 @@ class Coordinator:
             # Wake just after the due time, not just before it (a pass that finds the timer
             # not yet due costs a round trip and the timer its overshoot).
             return max(wait, 0.0) + WAKE_MARGIN
+        except errors.NotReady as exc:
+            return max(exc.retry_in, interval)
+        except (errors.StorageError, errors.ConfigurationError) as exc:
+            # The database went away (or refused us): readiness logs it once and backs off.
+            return max(self.durable._readiness.failed(exc), interval)
         except Exception:
             log.warning("coordinator sweep failed; retrying", exc_info=True)
             return interval

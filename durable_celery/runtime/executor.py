@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from durable_celery import errors
-from durable_celery.runtime import outcomes
+from durable_celery.runtime import limits, outcomes
 from durable_celery.runtime.context import Context
 from durable_celery.storage.records import Claim, Dispatch
 from durable_celery.storage.store import Committed, Transition
@@ -29,11 +29,13 @@ log = logging.getLogger("durable_celery.runtime")
 counters: Counter[str] = Counter()
 
 
-def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False) -> str:
+def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False,
+            run_ahead: bool = True) -> str:
     """Handle the message "run the current step of ``workflow_id`` at ``seq``".
 
     ``early``: the message was published ahead of the step's due time (a timer, see
-    ``timer_lead``) and held by the worker until then. Returns what happened: ``"stale"``
+    ``timer_lead``) and held by the worker until then. ``run_ahead``: whether this task may
+    run further steps itself (not under a Celery time limit). Returns what happened: ``"stale"``
     (dropped), ``"committed"``, ``"lease_lost"``, ``"released"`` (this process lacks the
     workflow version), ``"early"`` (sent again for later) or ``"bad_message"``.
     """
@@ -41,7 +43,7 @@ def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False
         counters["bad_message"] += 1
         log.error("dropping a malformed durable message: %r, %r", workflow_id, seq)
         return "bad_message"
-    durable._ensure_ready()
+    durable._ensure_ready(wait=False)
     worker_id = durable._identity().ensure()
     claimed = _claim(durable, workflow_id, seq, worker_id)
     if claimed is None and early:
@@ -52,7 +54,7 @@ def execute(durable: Durable, workflow_id: Any, seq: Any, *, early: bool = False
         counters["stale"] += 1
         return "stale"
     claim, started_at = claimed
-    return run_claimed(durable, claim, worker_id, started_at)
+    return run_claimed(durable, claim, worker_id, started_at, run_ahead=run_ahead)
 
 
 def _claim(durable: Durable, workflow_id: str, seq: int, worker_id: str,
@@ -101,7 +103,8 @@ def _claim_when_due(durable: Durable, workflow_id: str, seq: int, worker_id: str
     return False, None
 
 
-def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any) -> str:
+def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any, *,
+                run_ahead: bool = True) -> str:
     """Run steps under ``claim`` until one parks, finishes or leaves this queue.
 
     Whatever escapes (a step raising BaseException, a soft time limit during the commit,
@@ -122,7 +125,7 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
                     counters["lease_lost"] += 1
                     return "lease_lost"
             time.sleep(max(start_at - time.monotonic(), 0.0))
-        return _run_claimed(durable, holder, worker_id, started_at)
+        return _run_claimed(durable, holder, worker_id, started_at, run_ahead)
     except BaseException:
         counters["abandoned"] += 1
         log.error("run %s step %s: execution interrupted; handing the run back",
@@ -134,7 +137,8 @@ def run_claimed(durable: Durable, claim: Claim, worker_id: str, started_at: Any)
         raise
 
 
-def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_at: Any) -> str:
+def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_at: Any,
+                 run_ahead: bool) -> str:
     claim = holder[0]
     settings = durable.settings
     chain = 0
@@ -156,8 +160,8 @@ def _run_claimed(durable: Durable, holder: list[Claim], worker_id: str, started_
             workflow=wf, step=step, attempt=claim.attempt, queue=claim.queue,
             run_queue=claim.run_queue, original_state=claim.state,
             max_payload_bytes=settings.max_payload_bytes,
-            run_ahead=settings.run_ahead and chain < settings.run_ahead_limit
-            and not claim.compensating,
+            run_ahead=run_ahead and settings.run_ahead and chain < settings.run_ahead_limit
+            and not claim.compensating and not limits.stopping(),
             compensating=claim.compensating, compensations=claim.compensations,
             compensation_errors=claim.compensation_errors, failure=claim.failure,
             single_step=claim.single_step, key_reuse=settings.key_reuse,
@@ -216,12 +220,15 @@ def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: T
     with the database's message instead of wedging it.
     """
     uncertain = False
-    for pause in (*COMMIT_RETRIES, None):
+    pauses = iter(COMMIT_RETRIES)
+    while True:
         try:
             try:
                 committed = durable.store.commit(claim, transition, worker=worker_id,
                                                  started_at=started_at)
             except errors.DuplicateWorkflow as exc:  # a Spawn's child id or key is taken
+                # Not a failure to reach the database: no retry pause is used up. The
+                # invalid outcome spawns nothing, so this happens once.
                 transition = outcomes.invalid(visit, exc.message)
                 continue
             if committed is None and uncertain:
@@ -236,11 +243,11 @@ def _commit(durable: Durable, visit: outcomes.Visit, claim: Claim, transition: T
                 transition = outcomes.invalid(visit, f"outcome could not be stored: {exc.message}")
                 return durable.store.commit(claim, transition, worker=worker_id,
                                             started_at=started_at)
+            pause = next(pauses, None)
             if pause is None:
                 raise
             uncertain = True
             time.sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _run_step(durable: Durable, visit: outcomes.Visit, claim: Claim) -> Any:

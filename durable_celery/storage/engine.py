@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
-from durable_celery import errors
+from durable_celery import errors, forksafe
 
 
 def normalize_url(url: str) -> str:
@@ -33,20 +32,24 @@ def normalize_url(url: str) -> str:
 
 
 class EngineHolder:
-    """Creates the engine lazily in the process that uses it; re-creates it after a fork."""
+    """Creates the engine lazily in the process that uses it; re-creates it after a fork.
 
-    def __init__(self, url: str, *, pool_size: int = 4,
-                 idle_in_transaction_timeout: float | None = None) -> None:
+    ``liveness`` (the ``stale_after`` setting, seconds) bounds how long a session of ours may
+    sit idle inside a transaction and how long a dead peer goes unnoticed (TCP keepalives,
+    ``tcp_user_timeout``), unless the URL sets those itself.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 4, liveness: float | None = None) -> None:
         self.url = normalize_url(url)
         self.pool_size = pool_size
         # The server ends a session of ours that sits idle inside a transaction this long (a
         # process frozen mid-commit by SIGSTOP, a debugger, swapping): its row locks would
         # otherwise keep the reaper (SKIP LOCKED) and signals away from the run for ever.
         # durable_celery never waits on anything but the database inside a transaction.
-        self.idle_in_transaction_timeout = idle_in_transaction_timeout
+        self.liveness = liveness
         self._engine: sa.Engine | None = None
         self._pid = 0
-        self._lock = threading.Lock()
+        self._lock = forksafe.Lock()
 
     @property
     def engine(self) -> sa.Engine:
@@ -74,17 +77,54 @@ class EngineHolder:
                     pool_recycle=1800,
                     connect_args={"connect_timeout": 10, "application_name": "durable_celery",
                                   "prepare_threshold": PREPARE_THRESHOLD,
-                                  **self._server_options()},
+                                  **self.connect_args()},
                 )
                 event.listen(self._engine, "checkout", _check_alive)
                 self._pid = pid
             return self._engine
 
-    def _server_options(self) -> dict[str, str]:
-        if not self.idle_in_transaction_timeout:
-            return {}
-        ms = max(int(self.idle_in_transaction_timeout * 1000), 1)
-        return {"options": f"-c idle_in_transaction_session_timeout={ms}"}
+    def connect_args(self, *, settings: dict[str, str] | None = None,
+                     liveness: float | None = None) -> dict[str, Any]:
+        """libpq parameters of our connections, merged with the URL's: server settings
+        (``options=-c name=value``) appended to the URL's own ``options`` (a setting the URL
+        names wins), and keepalives for a dead peer, unless the URL sets them.
+        ``liveness`` overrides the holder's (a connection that must notice sooner)."""
+        query = sa.engine.make_url(self.url).query
+        given = query.get("options") or ""
+        given = given if isinstance(given, str) else " ".join(given)
+        ours = dict(settings or {})
+        if self.liveness:
+            ours.setdefault("idle_in_transaction_session_timeout",
+                            f"{max(int(self.liveness * 1000), 1)}")
+        extra = [f"-c {name}={value}" for name, value in ours.items()
+                 if f"{name}=" not in given]
+        args: dict[str, Any] = {}
+        if extra:
+            args["options"] = " ".join(part for part in (given, *extra) if part)
+        bound = liveness or self.liveness
+        if bound:
+            idle = max(int(bound / 3), 1)
+            keepalive = {"keepalives": 1, "keepalives_idle": idle,
+                         "keepalives_interval": max(idle // 2, 1), "keepalives_count": 3,
+                         "tcp_user_timeout": max(int(bound * 1000), 1000)}
+            args.update({k: v for k, v in keepalive.items() if k not in query})
+        return args
+
+    def dedicated(self, *, statement_timeout: float | None = None,
+                  connect_timeout: float = 10) -> psycopg.Connection[Any]:
+        """A psycopg connection of its own (autocommit, outside the pool): the heartbeat's
+        and the wake-up listener's. ``statement_timeout`` (seconds) bounds every statement,
+        and then TCP notices a dead peer within about as long too."""
+        settings = {} if statement_timeout is None else {
+            "statement_timeout": f"{max(int(statement_timeout * 1000), 1)}"}
+        conninfo = sa.engine.make_url(self.url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        with translate_errors():
+            return psycopg.connect(conninfo, autocommit=True,
+                                   connect_timeout=max(int(connect_timeout), 1),
+                                   application_name="durable_celery",
+                                   **self.connect_args(settings=settings,
+                                                       liveness=statement_timeout))
 
     def dispose(self) -> None:
         with self._lock:
@@ -95,8 +135,23 @@ class EngineHolder:
     @contextlib.contextmanager
     def begin(self) -> Iterator[sa.Connection]:
         """A transaction; driver errors surface as ``StorageError`` with the cause kept."""
-        with translate_errors(), self.engine.begin() as conn:
+        with self._fresh_after_schema_change(), translate_errors(), \
+                self.engine.begin() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def _fresh_after_schema_change(self) -> Iterator[None]:
+        """A statement prepared before a schema change can fail with "cached plan must not
+        change result type" (0A000) on every pooled connection that prepared it: drop the
+        pool, so that the retry (the error is transient) prepares afresh."""
+        try:
+            yield
+        except errors.StorageError as exc:
+            if exc.details.get("sqlstate") == FEATURE_NOT_SUPPORTED:
+                with self._lock:
+                    if self._engine is not None and self._pid == os.getpid():
+                        self._engine.dispose()
+            raise
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[psycopg.Connection[Any]]:
@@ -114,7 +169,7 @@ class EngineHolder:
             conn.autocommit = True
             yield conn
         except psycopg.Error as exc:
-            healthy = not (conn.closed or conn.broken)
+            healthy = not (conn.closed or conn.broken) and exc.sqlstate != FEATURE_NOT_SUPPORTED
             if not healthy:
                 fairy.invalidate(exc)
             raise _storage_error(exc, exc, invalidated=not healthy) from exc
@@ -133,12 +188,14 @@ class EngineHolder:
         For reads and single-statement writes: one round trip each, where a transaction
         costs three (BEGIN, the statement, COMMIT). A statement is atomic on its own.
         """
-        with translate_errors(), self.engine.connect() as conn:
+        with self._fresh_after_schema_change(), translate_errors(), \
+                self.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
 
 PREPARE_THRESHOLD = 2
+FEATURE_NOT_SUPPORTED = "0A000"  # e.g. "cached plan must not change result type"
 
 
 def _check_alive(dbapi_conn: Any, record: Any, proxy: Any) -> None:
@@ -175,6 +232,8 @@ PERMANENT_CLASSES = frozenset({"22", "23", "42"})
 def translate_errors() -> Iterator[None]:
     try:
         yield
+    except psycopg.Error as exc:  # a dedicated connection (no SQLAlchemy around it)
+        raise _storage_error(exc, exc, invalidated=exc.sqlstate is None) from exc
     except sa_exc.DBAPIError as exc:
         raise _storage_error(exc, exc.orig, invalidated=bool(exc.connection_invalidated)) \
             from exc

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 import psycopg
-from sqlalchemy.engine import make_url
 
+from durable_celery import errors
+from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.sql import WAKEUP_CHANNEL
 
 log = logging.getLogger("durable_celery.coordinator")
@@ -17,15 +19,19 @@ log = logging.getLogger("durable_celery.coordinator")
 class Listener:
     """A dedicated autocommit connection; reconnects by itself after errors."""
 
-    def __init__(self, sqlalchemy_url: str) -> None:
-        url = make_url(sqlalchemy_url).set(drivername="postgresql")
-        self.dsn = url.render_as_string(hide_password=False)
-        self._conn: psycopg.Connection | None = None
+    def __init__(self, holder: EngineHolder, channel: str = WAKEUP_CHANNEL) -> None:
+        self.holder = holder
+        self.channel = channel
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lost = False  # logged once per outage
 
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-            self._conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
+            self._conn = self.holder.dedicated()
+            self._conn.execute(f"LISTEN {self.channel}")
+            if self._lost:
+                log.info("wake-up listener reconnected")
+                self._lost = False
         return self._conn
 
     def wait(self, timeout: float) -> bool:
@@ -36,8 +42,11 @@ class Listener:
             for _ in conn.notifies(timeout=max(timeout, 0.0), stop_after=1):
                 woke = True
             return woke
-        except psycopg.Error:
-            log.warning("wake-up listener lost its connection; will reconnect", exc_info=True)
+        except (psycopg.Error, errors.StorageError) as exc:
+            if not self._lost:
+                log.warning("wake-up listener lost its connection (%s); it reconnects by "
+                            "itself", str(exc).strip().splitlines()[0] if str(exc) else exc)
+                self._lost = True
             self.close()
             # Sleep as asked (at least a little): never spin while the database is away.
             time.sleep(min(max(timeout, 0.2), 5.0))

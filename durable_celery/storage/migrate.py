@@ -63,6 +63,24 @@ def applied_versions(conn: sa.Connection) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def check(holder: EngineHolder) -> int:
+    """Without auto_migrate: the schema must be exactly the code's; returns its version."""
+    expected = latest_version()
+    with holder.connect() as conn:
+        done = applied_versions(conn)
+    current = max(done, default=0)
+    if done == list(range(1, expected + 1)):
+        return current
+    if current > expected:
+        raise errors.ConfigurationError(
+            f"the database schema is at version {current}, newer than this code "
+            f"({expected}); upgrade durable_celery")
+    raise errors.ConfigurationError(
+        f"the database schema is at version {current}, this code expects {expected} "
+        "(auto_migrate is off): run `durable-celery migrate -A your_module` (or with "
+        "--database-url)", current=current, expected=expected)
+
+
 def migrate(holder: EngineHolder) -> list[int]:
     """Apply missing migrations; return the versions applied now (empty if up to date)."""
     todo = load()

@@ -154,6 +154,8 @@ SET status = CASE WHEN status = 'compensating' THEN 'compensating' ELSE 'runnabl
 WHERE id = :id AND lease = :lease AND status IN ('executing', 'compensating')
 """)
 
+SET_LOCK_TIMEOUT = _q("SELECT set_config('lock_timeout', :ms, true)")
+
 COMMIT = _q("""
 WITH r AS (
   UPDATE {S}.runs SET
@@ -298,7 +300,11 @@ RETURNING id
 
 GET_RUN = _q(f"SELECT {RUN_COLUMNS} FROM {{S}}.runs WHERE id = :id")
 
-HISTORY = _q("SELECT * FROM {S}.steps WHERE run_id = :id ORDER BY seq")
+# Named columns, never ``*``: a statement prepared server-side keeps its result type, and
+# a migration that adds a column must not break it on live connections.
+STEP_COLUMNS = ("run_id, seq, step, attempt, outcome, next_step, state, error, started_at, "
+                "finished_at, worker")
+HISTORY = _q(f"SELECT {STEP_COLUMNS} FROM {{S}}.steps WHERE run_id = :id ORDER BY seq")
 
 STATUS = _q("SELECT status, result, error FROM {S}.runs WHERE id = :id")
 
@@ -515,11 +521,18 @@ class Store(SweepStore):
     def release(self, claim: Claim, after: float) -> bool:
         return self.release_lease(claim.workflow_id, claim.lease, after)
 
-    def release_lease(self, workflow_id: str, lease: str, after: float) -> bool:
-        """Hand a run back to runnable if ``lease`` still holds it (else nothing)."""
-        with self.db.connect() as conn:
-            return bool(conn.execute(RELEASE, {"id": workflow_id, "lease": lease,
-                                               "after": after}).rowcount)
+    def release_lease(self, workflow_id: str, lease: str, after: float, *,
+                      lock_timeout: float | None = None) -> bool:
+        """Hand a run back to runnable if ``lease`` still holds it (else nothing).
+        ``lock_timeout``: give up (a transient StorageError) rather than wait longer on
+        the run's row lock."""
+        params = {"id": workflow_id, "lease": lease, "after": after}
+        if lock_timeout is None:
+            with self.db.connect() as conn:
+                return bool(conn.execute(RELEASE, params).rowcount)
+        with self.db.begin() as conn:
+            conn.execute(SET_LOCK_TIMEOUT, {"ms": f"{max(int(lock_timeout * 1000), 1)}ms"})
+            return bool(conn.execute(RELEASE, params).rowcount)
 
     def commit(self, claim: Claim, transition: Transition, *, worker: str,
                started_at: datetime | None) -> Committed | None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
 
 from durable_celery.storage import composition
-from durable_celery.storage.engine import EngineHolder
+from durable_celery.storage.engine import EngineHolder, driver_sql, translate_errors
 from durable_celery.storage.records import TERMINAL, Dispatch
 from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
 from durable_celery.storage.sql import q as _q
@@ -253,6 +256,7 @@ UPDATE {S}.workers SET heartbeat_at = now()
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE id = :id
 """)
+HEARTBEAT_SQL = driver_sql(HEARTBEAT)
 
 RELEASE_OWNED = _q("""
 UPDATE {S}.runs
@@ -421,3 +425,35 @@ class SweepStore:
                 "AND eligible_at <= now() ORDER BY priority DESC, eligible_at LIMIT :limit"),
                 {"limit": limit}).mappings().all()
         return [Dispatch.from_row(r) for r in rows]
+
+
+class HeartbeatLine:
+    """A worker process's heartbeats, on a connection of their own.
+
+    Never queued behind the pool, and every beat bounded (``statement_timeout``, TCP
+    keepalives, ``tcp_user_timeout``): a beat that cannot finish fails within the interval
+    and the next one tries a fresh connection, so a live process never looks dead because
+    one statement waited (on a lock, a half-open socket after a failover).
+    """
+
+    def __init__(self, holder: EngineHolder, *, timeout: float) -> None:
+        self.holder = holder
+        self.timeout = timeout
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def beat(self, worker_id: str) -> bool:
+        """Beat; False when the row is gone (the process was reaped: register again)."""
+        with translate_errors():
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self.holder.dedicated(statement_timeout=self.timeout,
+                                                       connect_timeout=self.timeout)
+                return self._conn.execute(HEARTBEAT_SQL, {"id": worker_id}).rowcount > 0
+            except psycopg.Error:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

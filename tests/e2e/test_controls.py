@@ -46,9 +46,15 @@ def test_controls_as_celery_tasks_by_name(e2e: Harness) -> None:
         assert run.error["reason"] == "by ops"
         assert requests(e2e, "ops-cancel-1") == [("cancel", wid, "succeeded")]
 
-        # Resume by name: the run continues at the step it stopped at, and completes.
+        # Resume by name: the run sleeps again until its due time (an hour after the nap),
+        # then continues at the step it stopped at, and completes.
+        due = e2e.run(wid).eligible_at
         plain.send_task("durable_celery.resume_workflow", queue=e2e.queue, kwargs={
             "workflow_id": wid, "request_key": "ops-resume-1"})
+        resumed = e2e.wait_status(wid, "runnable", timeout=30)
+        assert (resumed.step, resumed.eligible_at) == ("wait_go", due)
+        e2e.db.conn.execute("UPDATE durable_celery.runs SET eligible_at = now(), "
+                            "dispatch_at = now() WHERE id = %s", (wid,))  # the hour passes
         e2e.wait_status(wid, "awaiting", timeout=30)
         e2e.durable.signal(wid, "go", {"ok": 1})
         assert e2e.durable.wait_result(wid, timeout=30) == {

@@ -86,3 +86,51 @@ def test_an_outcome_postgres_refuses_fails_the_run(durable, published, db_engine
     assert row["error"]["type"] == "InvalidOutcome"
     assert "value out of range" in row["error"]["message"]
     assert calls == ["done", "failed"]
+
+
+def test_a_taken_child_key_after_the_last_retry_fails_the_run_cleanly(durable, published,
+                                                                      monkeypatch):
+    """P1: four transient failures, then the commit finds a Spawn's child key taken. The
+    run fails with a clear error; the Spawn step's body ran once; nothing is left held."""
+    from durable_celery import Spawn
+    from durable_celery.testing import drain
+
+    leaf = durable.workflow("leaf")
+
+    @leaf.step
+    def only(ctx):
+        return Done()
+
+    spawned: list[int] = []
+    parent = durable.workflow("parent")
+
+    @parent.step
+    def fan(ctx):
+        spawned.append(ctx.attempt)
+        return Spawn([leaf.child({}, key="taken")])
+
+    @parent.step
+    def join(ctx):
+        return Done()
+
+    leaf.start({}, key="taken")
+    wid = parent.start()
+    real_commit = durable.store.commit
+    calls: list[int] = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 4:
+            raise errors.StorageError("database error: server closed the connection",
+                                      transient=True)
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0, 0.0, 0.0, 0.0))
+    monkeypatch.setattr(durable.store, "commit", flaky)
+    assert executor.execute(durable, wid, 0) == "committed"
+    monkeypatch.setattr(durable.store, "commit", real_commit)
+    drain(durable)
+    run = durable.get_workflow(wid)
+    assert run.status == "failed" and run.error["type"] == "InvalidOutcome"
+    assert "already used" in run.error["message"]
+    assert spawned == [0]

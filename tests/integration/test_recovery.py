@@ -198,21 +198,22 @@ def test_close_leaves_no_worker_row_and_no_connection_behind(make_durable, db_en
     worker_id = identity.ensure()
 
     in_beat, release = threading.Event(), threading.Event()
-    real_heartbeat = durable.store.heartbeat
+    real_heartbeat = identity._line.beat
 
     def slow_heartbeat(wid):
         in_beat.set()
         release.wait(5)
         return real_heartbeat(wid)
 
-    monkeypatch.setattr(durable.store, "heartbeat", slow_heartbeat)
+    monkeypatch.setattr(identity._line, "beat", slow_heartbeat)
     assert in_beat.wait(5)  # the heartbeat thread is inside a beat
     releaser = threading.Timer(0.2, release.set)
     releaser.start()
     try:
         durable.close()
         release.set()
-        identity._thread.join(2)
+        for thread in identity._threads:
+            thread.join(2)
 
         ghosts = scalar(db_engine, "SELECT count(*) FROM {S}.workers WHERE id = :id",
                         id=worker_id)
@@ -349,3 +350,36 @@ def q_(sql):
     from tests.integration.support import q
 
     return q(sql)
+
+
+def test_heartbeats_go_on_while_an_orphan_release_waits_on_a_lock(make_durable, db_engine,
+                                                                  recorder):
+    """Finding 5: the release of an orphaned lease waits on a run row a caller's
+    transaction holds; the heartbeats do not wait with it, and the reaper leaves the
+    process's other run alone. Once the lock is gone the lease is handed back."""
+    import time
+
+    durable = make_durable(heartbeat_interval=0.5, stale_after=2.0)
+    recorder(durable)
+    wf = declare_work(durable, [])
+    x, y = wf.start({}), wf.start({})
+    identity = durable._identity()
+    me = identity.ensure()
+    claim_x, _ = durable.store.claim(x, 0, me)
+    assert durable.store.claim(y, 0, me) is not None
+    with db_engine.connect() as locker:
+        tx = locker.begin()
+        locker.execute(q_("SELECT id FROM {S}.runs WHERE id = :id FOR UPDATE"), {"id": x})
+        identity.orphan(claim_x)
+        time.sleep(3.0)
+        age = scalar(db_engine, "SELECT EXTRACT(EPOCH FROM now() - heartbeat_at) "
+                                "FROM {S}.workers WHERE id = :id", id=me)
+        assert age < 1.5, f"heartbeat stalled for {age:.1f}s behind the orphan release"
+        assert durable.store.reap(stale_after=2.0, max_recoveries=10, limit=100).publish == []
+        assert run_row(db_engine, y)["owner"] == me
+        tx.commit()
+    deadline = time.monotonic() + 5
+    while run_row(db_engine, x)["status"] != "runnable" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (run_row(db_engine, x)["status"], run_row(db_engine, x)["owner"]) == ("runnable", None)
+    assert run_row(db_engine, y)["status"] == "executing"

@@ -176,7 +176,9 @@ def test_drain_ends_when_nothing_can_progress(durable, make_durable, published):
 
 
 def test_the_listener_never_spins_without_a_database():
-    listener = Listener("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    from durable_celery.storage.engine import EngineHolder
+
+    listener = Listener(EngineHolder("postgresql+psycopg://postgres@127.0.0.1:1/none"))
     began = time.monotonic()
     assert listener.wait(0) is False
     assert time.monotonic() - began >= 0.2
