@@ -56,36 +56,18 @@ def theirs_throughput(bench: Bench, queue: str, runs: int) -> float:
     return runs * 10 / (end - t0)
 
 
-# Benchmark 2 only: the client learns that a run ended the way the twin's client does, by
-# blocking (LISTEN here, BLPOP there) instead of polling, which on two cores would take CPU
-# from the worker and Postgres it measures. Our side pays for the trigger and the NOTIFY in
-# its last commit; the notification is delivered once that commit is durable.
-DONE_TRIGGER = """
-CREATE OR REPLACE FUNCTION public.dcbench_notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  PERFORM pg_notify('dcbench_done', NEW.id || ' ' || NEW.status);
-  RETURN NULL;
-END $$;
-CREATE TRIGGER dcbench_done AFTER UPDATE OF status ON durable_celery.runs FOR EACH ROW
-  WHEN (NEW.status IN ('done', 'failed', 'cancelled')) EXECUTE FUNCTION public.dcbench_notify_done();
-"""
-DROP_DONE_TRIGGER = ("DROP TRIGGER IF EXISTS dcbench_done ON durable_celery.runs; "
-                     "DROP FUNCTION IF EXISTS public.dcbench_notify_done()")
-
-
-def ours_latency(bench: Bench, queue: str, workflow: str, conn: Any) -> float:
-    """From before ``start()`` to the client being told the run is done (``conn`` LISTENs)."""
-    wf = bench.ours(queue).durable.get_definition(workflow)
+# Benchmark 2: the client learns that a run ended the way a user does, with
+# ``durable.wait_result()``, which blocks on LISTEN (the runs_notify_done trigger of the
+# schema) instead of polling; the twin's client blocks on BLPOP. Polling would take CPU,
+# on two cores, from the worker and Postgres it measures.
+def ours_latency(bench: Bench, queue: str, workflow: str) -> float:
+    """From before ``start()`` to ``wait_result()`` returning the run's result."""
+    durable = bench.ours(queue).durable
+    wf = durable.get_definition(workflow)
     t0 = time.time()
     wid = wf.start({})
-    for note in conn.notifies(timeout=30):
-        run_id, _, status = note.payload.partition(" ")
-        if run_id != wid:
-            continue  # a run of an earlier sample
-        if status != "done":
-            raise RuntimeError(f"latency run {wid} {status}")
-        return time.time() - t0
-    raise RuntimeError(f"latency run {wid} not done in 30 s")
+    durable.wait_result(wid, timeout=30)
+    return time.time() - t0
 
 
 def theirs_latency(bench: Bench, queue: str) -> float:
@@ -129,24 +111,17 @@ def throughput(bench: Bench) -> None:
 def latency(bench: Bench) -> None:
     samples = 5 if bench.quick else 20
     bench.truncate()
-    with bench.pair("lat", pool="prefork", concurrency=2) as (oq, tq), \
-            bench.database.connect() as conn:
-        conn.execute(DONE_TRIGGER)
-        conn.execute("LISTEN dcbench_done")
-        try:
-            for _ in range(3):  # warm-up
-                ours_latency(bench, oq, "chain10", conn)
-                ours_latency(bench, oq, "chain10_hop", conn)
-                theirs_latency(bench, tq)
-            ahead, hop, chain = [], [], []
-            for _ in range(bench.repeats):
-                ahead.append(_median([ours_latency(bench, oq, "chain10", conn)
-                                      for _ in range(samples)]))
-                hop.append(_median([ours_latency(bench, oq, "chain10_hop", conn)
-                                    for _ in range(samples)]))
-                chain.append(_median([theirs_latency(bench, tq) for _ in range(samples)]))
-        finally:
-            conn.execute(DROP_DONE_TRIGGER)
+    with bench.pair("lat", pool="prefork", concurrency=2) as (oq, tq):
+        for _ in range(3):  # warm-up (the waiting process's listener starts here)
+            ours_latency(bench, oq, "chain10")
+            ours_latency(bench, oq, "chain10_hop")
+            theirs_latency(bench, tq)
+        ahead, hop, chain = [], [], []
+        for _ in range(bench.repeats):
+            ahead.append(_median([ours_latency(bench, oq, "chain10") for _ in range(samples)]))
+            hop.append(_median([ours_latency(bench, oq, "chain10_hop")
+                                for _ in range(samples)]))
+            chain.append(_median([theirs_latency(bench, tq) for _ in range(samples)]))
     bench.report("latency", f"10 steps end to end (median of {samples})", "ms", ours=ms(ahead),
                  theirs=ms(chain), variant="run-ahead", pool="prefork -c 2",
                  higher_is_better=False, target="<= 1.0x", check=lambda r: r <= 1.0)

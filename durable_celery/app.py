@@ -25,7 +25,15 @@ from durable_celery.runtime.worker import WorkerIdentity
 from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage import outbox
 from durable_celery.storage.engine import EngineHolder
-from durable_celery.storage.records import STATUSES, Dispatch, Run, SignalResult, StepRecord
+from durable_celery.storage.listener import Endings
+from durable_celery.storage.records import (
+    STATUSES,
+    TERMINAL,
+    Dispatch,
+    Run,
+    SignalResult,
+    StepRecord,
+)
 from durable_celery.storage.schedules import Schedule, ScheduleStore
 from durable_celery.storage.store import Store
 
@@ -84,6 +92,7 @@ class Durable:
         self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
                            redispatch_max_backoff=self.settings.redispatch_max_backoff)
         self.schedules = ScheduleStore(self._holder, self.store)
+        self._endings = Endings(self._holder)
         self._workflows: dict[tuple[str, int], Workflow] = {}
         self._latest: dict[str, Workflow] = {}
         self._tasks: set[str] = set()
@@ -439,34 +448,47 @@ class Durable:
     def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``
         (also for ``compensated`` and ``compensation_failed``; ``run_status`` tells which),
-        ``WorkflowCancelled``, ``WorkflowNotFound``, or ``WaitTimeout`` (a ``TimeoutError``)."""
+        ``WorkflowCancelled``, or ``WaitTimeout`` (a ``TimeoutError``).
+
+        A run that does not exist yet (started by a message still on its way) is waited for
+        too, within ``timeout``: ``WorkflowNotFound`` if it never appears. The end of a run
+        wakes the wait at once (LISTEN/NOTIFY: one connection per waiting process); a run
+        not there yet is looked for every 5 to 250 ms.
+        """
         check_identifier(workflow_id, "workflow_id")
         if timeout is not None:
             check_seconds(timeout, "timeout")
         self._ensure_ready()
         deadline = None if timeout is None else time.monotonic() + timeout
+        found = self.store.status(workflow_id)
         pause = 0.005
         while True:
+            if found is not None and found[0] in TERMINAL:
+                return _outcome(workflow_id, *found)
+            with self._endings.watch(workflow_id) as ended:
+                # Registered before this read: an end committed after it is not missed.
+                found = self.store.status(workflow_id)
+                if found is not None and found[0] in TERMINAL:
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    if found is None:
+                        raise errors.WorkflowNotFound(
+                            f"no run {workflow_id!r}" + (
+                                f" (none appeared within {timeout}s)" if timeout else ""),
+                            workflow_id=workflow_id)
+                    raise errors.WaitTimeout(
+                        f"run {workflow_id} is still {found[0]} after {timeout}s",
+                        workflow_id=workflow_id, status=found[0])
+                if found is None or ended is None:
+                    # Not started yet, or no listener: look again soon.
+                    time.sleep(pause if left is None else min(pause, left))
+                    pause = min(pause * 1.5, 0.25)
+                else:
+                    # Woken by the run's end (or a listener reconnect); a notification
+                    # lost anyway costs at most SAFETY_POLL.
+                    ended.wait(SAFETY_POLL if left is None else min(left, SAFETY_POLL))
             found = self.store.status(workflow_id)
-            if found is None:
-                raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
-            status, result, error = found
-            if status == "done":
-                return result
-            if status in ("failed", "compensated", "compensation_failed"):
-                what = "failed" if status == "failed" else f"failed ({status})"
-                raise errors.WorkflowFailed(f"run {workflow_id} {what}: {_describe(error)}",
-                                            workflow_id=workflow_id, error=error, run_status=status)
-            if status == "cancelled":
-                raise errors.WorkflowCancelled(f"run {workflow_id} was cancelled",
-                                               workflow_id=workflow_id, error=error)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise errors.WaitTimeout(
-                    f"run {workflow_id} is still {status} after {timeout}s",
-                    workflow_id=workflow_id, status=status)
-            sleep = pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0))
-            time.sleep(sleep)
-            pause = min(pause * 1.5, 0.25)
 
     # ------------------------------------------------------------------ controls
 
@@ -559,6 +581,7 @@ class Durable:
     def close(self) -> None:
         """Release this process's worker row and database connections."""
         self._release_identity()
+        self._endings.close()
         self._holder.dispose()
 
 
@@ -607,6 +630,21 @@ def _batch_identifiers(values: Any, what: str, count: int) -> list[str | None]:
             raise errors.InvalidArgument(f"{what[:-1]} {value!r} appears twice in the batch"[:300])
         seen.add(value)
     return found
+
+
+SAFETY_POLL = 5.0  # seconds: a waiter reads the status at least this often
+
+
+def _outcome(workflow_id: str, status: str, result: Any, error: Any) -> Any:
+    """A terminal run's result, or its failure raised."""
+    if status == "done":
+        return result
+    if status == "cancelled":
+        raise errors.WorkflowCancelled(f"run {workflow_id} was cancelled",
+                                       workflow_id=workflow_id, error=error)
+    what = "failed" if status == "failed" else f"failed ({status})"
+    raise errors.WorkflowFailed(f"run {workflow_id} {what}: {_describe(error)}",
+                                workflow_id=workflow_id, error=error, run_status=status)
 
 
 def _describe(error: Any) -> str:

@@ -335,45 +335,53 @@ def _table_names(value: Any) -> list[str]:
 
 def register_tasks(durable: Durable) -> None:
     """``durable_celery.cancel_workflow`` / ``resume_workflow`` / ``fork_workflow``: call by
-    name from any Celery app with JSON kwargs. A refused request is logged and its error body
-    returned (it is not retried); a database outage is retried."""
-    from durable_celery.signals import TASK_OPTIONS
+    name from any Celery app with JSON kwargs, applied as they are received (see
+    :mod:`durable_celery.receipt`). A refused request is logged and its error body returned
+    (it is not retried); a database outage is retried."""
+    from durable_celery import receipt
 
     app = durable.app
-    options = {**TASK_OPTIONS, "ignore_result": False}
+    options = {**receipt.TASK_OPTIONS, "ignore_result": False}
 
-    def guarded(call: Any, **kwargs: Any) -> dict[str, Any]:
+    def guarded(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
-            return dict(call(**kwargs))
+            return dict(call(*args, **kwargs))
         except errors.ControlError as exc:
             log.error("%s refused: %s", call.__name__, exc)
             return {"ok": False, **exc.body, "status": exc.status}
 
-    @app.task(name="durable_celery.cancel_workflow", **options)
-    def cancel_task(self: Any, workflow_id: Any = None, request_key: Any = None,
-                    reason: Any = None, ttl_days: Any = 7,
-                    cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
+    def cancel(workflow_id: Any = None, request_key: Any = None, reason: Any = None,
+               ttl_days: Any = 7, cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         return guarded(durable.cancel_workflow, workflow_id=workflow_id,
                        request_key=request_key, reason=reason, ttl_days=ttl_days,
                        cleanup_interval_seconds=cleanup_interval_seconds)
 
-    @app.task(name="durable_celery.resume_workflow", **options)
-    def resume_task(self: Any, workflow_id: Any = None, request_key: Any = None,
-                    ttl_days: Any = 7, cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
+    def resume(workflow_id: Any = None, request_key: Any = None, ttl_days: Any = 7,
+               cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         return guarded(durable.resume_workflow, workflow_id=workflow_id,
                        request_key=request_key, ttl_days=ttl_days,
                        cleanup_interval_seconds=cleanup_interval_seconds)
 
-    @app.task(name="durable_celery.fork_workflow", **options)
-    def fork_task(self: Any, workflow_id: Any = None, request_key: Any = None,
-                  start_step: Any = None, new_workflow_id: Any = None,
-                  application_version: Any = None, ttl_days: Any = 7,
-                  cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
+    def fork(workflow_id: Any = None, request_key: Any = None, start_step: Any = None,
+             new_workflow_id: Any = None, application_version: Any = None, ttl_days: Any = 7,
+             cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         return guarded(durable.fork_workflow, workflow_id=workflow_id,
                        request_key=request_key, start_step=start_step,
                        new_workflow_id=new_workflow_id,
                        application_version=application_version, ttl_days=ttl_days,
                        cleanup_interval_seconds=cleanup_interval_seconds)
+
+    for name, apply in (("cancel_workflow", cancel), ("resume_workflow", resume),
+                        ("fork_workflow", fork)):
+        def on_receipt(call: receipt.Call, apply: Any = apply) -> Any:
+            return apply(*call.args, **call.kwargs)
+
+        def task(self: Any, *args: Any, apply: Any = apply, **kwargs: Any) -> Any:
+            return apply(*args, **kwargs)
+
+        task.__name__ = task.__qualname__ = f"{name}_task"
+        app.task(name=f"durable_celery.{name}", Strategy=receipt.strategy(durable, on_receipt),
+                 **options)(task)
 
 
 def _compensations(wf: Any, source: ForkSource, copied: int) -> list[dict[str, Any]]:

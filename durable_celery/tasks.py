@@ -14,6 +14,7 @@ whose workflow_id is the Celery message id (a redelivery starts nothing new).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from datetime import datetime, timezone
@@ -22,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from celery import exceptions as celery_exceptions
 
-from durable_celery import errors, payloads
-from durable_celery import signals as signals_mod
+from durable_celery import errors, payloads, receipt
 from durable_celery.definitions import Done, Fail, Retry, RetryPolicy, check_name, check_seconds
 
 if TYPE_CHECKING:
     from durable_celery.app import Durable
     from durable_celery.runtime.context import Context
     from durable_celery.storage.records import Run
+
+log = logging.getLogger("durable_celery.tasks")
 
 STEP = "run"
 _UNSET: Any = object()
@@ -137,20 +139,33 @@ class DurableTask:
                                   "delay": base, "max_delay": backoff_max, "jitter": jitter})
 
     def _register_entry(self) -> None:
+        """``<name>`` itself, for ``app.send_task("<name>", args=[...])`` from code that does
+        not import the function: the message starts a durable run named by its id (a
+        redelivery starts nothing new), applied as it is received (its countdown becomes
+        a durable timer); see :mod:`durable_celery.receipt`."""
         task = self
+
+        def on_receipt(call: receipt.Call) -> str | None:
+            return task._start_by_name(call.id, call.args, call.kwargs, call.eta)
 
         def entry(celery_task: Any, *args: Any, **kwargs: Any) -> str | None:
             wid = str(celery_task.request.id) if celery_task.request.id else None
-            try:
-                return task.apply_async(args, kwargs, workflow_id=wid).id
-            except errors.DuplicateWorkflow as exc:
-                return exc.existing_id  # a redelivered message: the run exists
-            except errors.InvalidArgument as exc:
-                signals_mod.log.error("task %s refused: %s", task.name, exc)
-                return None
+            return task._start_by_name(wid, args, kwargs, None)
 
         entry.__name__ = entry.__qualname__ = re.sub(r"\W", "_", self.name)
-        self.durable.app.task(name=self.name, **signals_mod.TASK_OPTIONS)(entry)
+        self.durable.app.task(
+            name=self.name, Strategy=receipt.strategy(self.durable, on_receipt, keeps_eta=True),
+            **receipt.TASK_OPTIONS)(entry)
+
+    def _start_by_name(self, message_id: str | None, args: Any, kwargs: Any,
+                       eta: datetime | None) -> str | None:
+        try:
+            return self.apply_async(args, kwargs, workflow_id=message_id, eta=eta).id
+        except errors.DuplicateWorkflow as exc:
+            return exc.existing_id  # a redelivered message: the run exists
+        except errors.InvalidArgument as exc:
+            log.error("task %s refused: %s", self.name, exc)
+            return None
 
     # ------------------------------------------------------------------ inside the worker
 

@@ -50,3 +50,15 @@ CREATE TABLE durable_celery.early_signals (
     CONSTRAINT early_signals_dedup_key UNIQUE (target, dedup_key)
 );
 CREATE INDEX early_signals_expires_idx ON durable_celery.early_signals (expires_at);
+
+-- A run that ends (finished_at set, by any path: a commit, the reaper, a cancel) notifies
+-- the channel durable_celery_done with its id: wait_result wakes at once, without polling.
+CREATE FUNCTION durable_celery.notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('durable_celery_done', NEW.id);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER runs_notify_done AFTER UPDATE OF finished_at ON durable_celery.runs
+    FOR EACH ROW WHEN (OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL)
+    EXECUTE FUNCTION durable_celery.notify_done();

@@ -74,11 +74,14 @@ class Reaper:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
         owed = self.durable.store.pay_owed_slots(s.sweep_batch_size)
-        self.durable._publish_many(reaped.publish + reaped.wakes + owed)
+        delivered, woken = self.durable.store.deliver_early_signals(s.sweep_batch_size)
+        if delivered:
+            log.info("%d signal(s) sent before their run existed delivered to it", delivered)
+        self.durable._publish_many(reaped.publish + reaped.wakes + owed + woken)
         if reaped.failed:
             log.error("%d run(s) failed after %d worker losses", reaped.failed,
                       s.max_recoveries)
-        return len(reaped.publish) + reaped.failed + len(owed)
+        return len(reaped.publish) + reaped.failed + len(owed) + delivered
 
 
 class Collector:
@@ -97,4 +100,8 @@ class Collector:
             total += n
             if n < s.gc_batch_size:
                 break
-        return total + int(self.durable.controls.cleanup())
+        expired = self.durable.store.expire_early_signals(s.gc_batch_size)
+        if expired:
+            log.warning("%d signal(s) sent by name to a run that never started expired "
+                        "(early_signal_ttl) and were dropped", expired)
+        return total + expired + int(self.durable.controls.cleanup())

@@ -115,6 +115,20 @@ sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, r
 sa.Index("runs_spawn_owed_idx", runs.c.id, postgresql_where=sa.text("spawn_owed > 0"))
 sa.Index("runs_held_idx", runs.c.parent_id, runs.c.child_index, postgresql_where=sa.text("held"))
 
+# migration 5: a run that ends notifies durable_celery_done with its id (wait_result).
+NOTIFY_DONE = f"""
+CREATE FUNCTION {SCHEMA}.notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('durable_celery_done', NEW.id);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER runs_notify_done AFTER UPDATE OF finished_at ON {SCHEMA}.runs
+    FOR EACH ROW WHEN (OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL)
+    EXECUTE FUNCTION {SCHEMA}.notify_done();
+"""
+sa.event.listen(runs, "after_create", sa.DDL(NOTIFY_DONE.replace("%", "%%")))
+
 steps = sa.Table(
     "steps", metadata,
     sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.id, ondelete="CASCADE"),

@@ -9,6 +9,7 @@ row first, then its signals.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -295,6 +296,26 @@ VALUES (:run_id, :name, CAST(:payload AS jsonb), :dedup_key)
 ON CONFLICT ON CONSTRAINT signals_dedup_key DO NOTHING
 RETURNING id
 """)
+
+# A signal sent by name to a target no run has yet: kept until it expires.
+KEEP_EARLY = _q("""
+INSERT INTO {S}.early_signals (target, name, payload, dedup_key, expires_at)
+VALUES (:target, :name, CAST(:payload AS jsonb), :dedup_key,
+        now() + make_interval(secs => :ttl))
+ON CONFLICT ON CONSTRAINT early_signals_dedup_key DO NOTHING
+RETURNING id
+""")
+
+# Kept signals whose target now has a run (delivered, or refused if it already ended).
+EARLY_DUE = _q("""
+SELECT e.id, e.target, e.name, e.payload, e.dedup_key FROM {S}.early_signals AS e
+WHERE e.expires_at > now()
+  AND EXISTS (SELECT 1 FROM {S}.runs AS r
+              WHERE r.id = e.target OR (r.key = e.target AND r.finished_at IS NULL))
+ORDER BY e.id LIMIT :limit
+FOR UPDATE OF e SKIP LOCKED
+""")
+DROP_EARLY = _q("DELETE FROM {S}.early_signals WHERE id = :id")
 
 # --- reads
 
@@ -691,3 +712,33 @@ class Store(SweepStore):
                 dispatch = None if row["held"] else Dispatch.from_row(row)
         return SignalResult(workflow_id=run_id, signal_id=int(signal_id), duplicate=False,
                             woke=woke), dispatch
+
+    def keep_early_signal(self, *, target: str, name: str, payload: str,
+                          dedup_key: str | None, ttl: float) -> bool:
+        """Keep a signal for a target that has no run yet (``ttl`` seconds); False when
+        this dedup_key is kept already."""
+        with self.db.connect() as conn:
+            return conn.execute(KEEP_EARLY, {
+                "target": target, "name": name, "payload": payload, "dedup_key": dedup_key,
+                "ttl": ttl}).first() is not None
+
+    def deliver_early_signals(self, limit: int) -> tuple[int, list[Dispatch]]:
+        """Deliver kept signals whose target has a run now; returns (delivered, runs to
+        publish). A target whose run already ended refuses them (dropped)."""
+        delivered, wakes = 0, []
+        with self.db.begin() as conn:
+            for row in conn.execute(EARLY_DUE, {"limit": limit}).mappings().all():
+                try:
+                    with conn.begin_nested():
+                        result, dispatch = self.signal_on(
+                            conn, target=row["target"], name=row["name"],
+                            payload=json.dumps(row["payload"]), dedup_key=row["dedup_key"],
+                            redispatch=self.redispatch_after)
+                except errors.NoTarget:
+                    pass  # it ended before the signal could reach it
+                else:
+                    delivered += not result.duplicate
+                    if dispatch is not None:
+                        wakes.append(dispatch)
+                conn.execute(DROP_EARLY, {"id": row["id"]})
+        return delivered, wakes

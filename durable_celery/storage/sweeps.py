@@ -380,6 +380,11 @@ class SweepStore:
             return int(conn.execute(GC, {"retention": retention_seconds,
                                          "limit": limit}).rowcount)
 
+    def expire_early_signals(self, limit: int) -> int:
+        """Drop signals kept for a target that never got a run; returns how many."""
+        with self.db.connect() as conn:
+            return int(conn.execute(EXPIRE_EARLY_SIGNALS, {"limit": limit}).rowcount)
+
     # ------------------------------------------------------------------ workers
 
     def register_worker(self, worker_id: str, *, hostname: str, pid: int,

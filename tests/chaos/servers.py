@@ -124,10 +124,14 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """A ``redis-server`` on a free port; ``kill()`` (SIGKILL) and ``start()`` again."""
+    """A ``redis-server`` on a free port; ``kill()`` (SIGKILL) and ``start()`` again.
 
-    def __init__(self, root: Path) -> None:
+    ``persistent=False``: no append-only file, no snapshot -- a restart loses everything
+    (a cache-style Redis; ``shutdown nosave``)."""
+
+    def __init__(self, root: Path, *, persistent: bool = True) -> None:
         self.root = root
+        self.persistent = persistent
         self.port = free_port()
         self.log = root / "redis.log"
         self.executable = _redis_server()
@@ -138,9 +142,10 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent \
+            else ["--appendonly", "no"]
         cmd = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-               "--dir", str(self.root), "--save", "", "--appendonly", "yes",
-               "--appendfsync", "always", "--logfile", str(self.log)]
+               "--dir", str(self.root), "--save", "", *durability, "--logfile", str(self.log)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self.wait_ready()
@@ -164,6 +169,18 @@ class PrivateRedis:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    def shutdown_nosave(self) -> None:
+        """``SHUTDOWN NOSAVE``: the server exits and keeps nothing (without persistence)."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=2)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            client.shutdown(nosave=True)
+        client.close()
+        if self.proc is not None:
+            self.proc.wait(30)
+        self.proc = None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from durable_celery import Done, errors
 from durable_celery.runtime import executor
-from tests.integration.support import run_row
+from tests.integration.support import run_row, wait_for
 
 
 def _declare(durable, effects):
@@ -33,10 +33,11 @@ def test_an_unreachable_database_at_commit_hands_the_claim_back(durable, publish
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"] is not None) == ("executing", True)
 
-    # The database is back: the heartbeat thread's release hands the run back at once,
-    # without waiting for this live process to be reaped.
+    # The database is back: the orphan thread hands the run back at once, without
+    # waiting for this live process to be reaped.
     monkeypatch.setattr(durable.store, "commit", real_commit)
-    durable._identity()._release_orphans()
+    wait_for(lambda: run_row(db_engine, wid)["status"] == "runnable", timeout=5,
+             what="the orphaned lease to be released")
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"]) == ("runnable", None)
 

@@ -116,6 +116,8 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
 
     wid, other = wf.start(), wf.start()
     real_claim = durable.store.claim
+    # This test hands the leases back itself, step by step: no background orphan thread.
+    monkeypatch.setattr(durable._identity(), "_tend_orphans", lambda: None)
 
     def lands_then_fails(*args, **kwargs):
         real_claim(*args, **kwargs)  # committed on the server...
@@ -138,7 +140,7 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
         execute(durable, other, 0)
     monkeypatch.setattr(durable.store, "claim", real_claim)
 
-    durable._identity()._release_orphans()  # what the heartbeat thread does next
+    durable._identity()._release_orphans()  # what the orphan thread does next
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"], row["lease"]) == ("runnable", None, None)
     assert run_row(db_engine, other)["status"] == "runnable"

@@ -246,7 +246,16 @@ def catalog(engine: sa.Engine) -> dict[str, Any]:
         indexes = conn.execute(sa.text("""
             SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = :s
             ORDER BY 1, 2"""), {"s": S}).all()
-    described: dict[str, Any] = {}
+        triggers = conn.execute(sa.text("""
+            SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(t.oid)
+            FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+            WHERE c.relnamespace = CAST(:s AS regnamespace) AND NOT t.tgisinternal
+            ORDER BY 1, 2"""), {"s": S}).all()
+        functions = conn.execute(sa.text("""
+            SELECT proname, pg_get_functiondef(oid) FROM pg_proc
+            WHERE pronamespace = CAST(:s AS regnamespace) ORDER BY 1"""), {"s": S}).all()
+    described: dict[str, Any] = {
+        "(functions)": {name: " ".join(definition.split()) for name, definition in functions}}
     for position, (table, column, *rest) in enumerate(columns):
         described.setdefault(table, {"columns": {}, "constraints": {}, "indexes": {}})
         # The position within its table, so that a reordered column shows up too.
@@ -258,6 +267,8 @@ def catalog(engine: sa.Engine) -> dict[str, Any]:
         described[table.split(".")[-1]]["constraints"][name] = definition
     for table, name, definition in indexes:
         described[table]["indexes"][name] = definition
+    for table, name, definition in triggers:
+        described[table.split(".")[-1]].setdefault("triggers", {})[name] = definition
     return described
 
 

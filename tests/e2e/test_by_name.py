@@ -1,0 +1,88 @@
+"""Messages sent by name carry data: a worker applies them as it receives them, so a
+worker SIGKILLed with a busy pool loses none, even when a Redis without persistence
+restarts right after (item 1). A blind sender (each message sent once) is enough."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tests import services
+from tests.chaos.servers import PrivateRedis
+from tests.e2e.conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    root = tmp_path / "redis"
+    root.mkdir()
+    server = PrivateRedis(root, persistent=False)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_by_name_messages_survive_a_killed_worker_and_a_redis_that_forgets(
+        make_e2e, volatile_redis):
+    e2e = make_e2e(volatile_redis.url)
+    w1 = e2e.worker("prefork", 1, label="W1")
+    target = e2e.start("timer", {"x": 1, "sleep": 0.1})
+    doomed = e2e.start("timer", {"x": 2, "sleep": 0.1})
+    e2e.wait_status(target, "awaiting", timeout=30)
+    e2e.wait_status(doomed, "awaiting", timeout=30)
+    # The only pool process is busy for 60 s: nothing more runs in W1's pool.
+    busy = e2e.start("blocker", {"x": 3, "block": 60})
+    wait_for(lambda: e2e.db.scalar("SELECT count(*) FROM public.e2e_effects WHERE "
+                                   "workflow_id = %s AND step = 'first:start'", busy),
+             timeout=30, what="the pool to be busy")
+
+    with Celery("plain", broker=volatile_redis.url, set_as_current=False) as plain:
+        plain.send_task("durable_celery.signal", queue=e2e.queue, kwargs={
+            "target": target, "name": "go", "payload": {"v": 1}, "dedup_key": "evt-1"})
+        plain.send_task("durable_celery.start", queue=e2e.queue, kwargs={
+            "workflow": "pipeline", "state": {"x": 5}, "key": "order:5"})
+        plain.send_task("durable_celery.cancel_workflow", queue=e2e.queue, kwargs={
+            "workflow_id": doomed, "request_key": "ops-1"})
+    # Applied as received, although no pool process is free.
+    wait_for(lambda: e2e.db.scalar(
+        "SELECT count(*) FROM durable_celery.signals WHERE dedup_key = 'evt-1'"),
+        timeout=15, what="the signal to be stored")
+    wait_for(lambda: e2e.db.scalar(
+        "SELECT count(*) FROM durable_celery.runs WHERE key = 'order:5'"),
+        timeout=15, what="the run to be started")
+    assert e2e.run(doomed).status == "cancelled"
+
+    w1.kill()                        # SIGKILL, pool child included
+    volatile_redis.shutdown_nosave()  # ...and the broker forgets everything it held
+    volatile_redis.start()
+    e2e.worker("prefork", 2, label="W2")
+
+    assert e2e.durable.wait_result(target, timeout=40) == {
+        "go": {"v": 1}, "timed_out": False, "x": 1}
+    [started] = [r[0] for r in e2e.db.rows(
+        "SELECT id FROM durable_celery.runs WHERE key = 'order:5'")]
+    assert e2e.durable.wait_result(started, timeout=40)["x"] == 5
+    assert e2e.durable.wait_result(busy, timeout=40) == {"x": 3}
+    assert e2e.run(doomed).status == "cancelled"
+    log = w1.log.read_text(errors="replace")
+    assert log.count("applied as received") == 3, log[-4000:]
+
+
+def test_by_name_messages_are_applied_as_received_on_rabbitmq(make_e2e):
+    url = services.amqp_url()
+    if url is None:
+        pytest.skip(services.amqp_unavailable_reason() or "no RabbitMQ")
+    e2e = make_e2e(url)
+    worker = e2e.worker("prefork", 1)
+    target = e2e.start("timer", {"x": 4, "sleep": 0.1})
+    e2e.wait_status(target, "awaiting", timeout=30)
+    with Celery("plain", broker=url, set_as_current=False) as plain:
+        plain.send_task("durable_celery.signal", queue=e2e.queue, kwargs={
+            "target": target, "name": "go", "payload": {"v": 4}})
+    assert e2e.durable.wait_result(target, timeout=30)["go"] == {"v": 4}
+    assert "applied as received" in worker.log.read_text(errors="replace")
