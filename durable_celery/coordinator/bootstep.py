@@ -12,6 +12,7 @@ worker meanwhile. Prefork children release theirs when they exit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +47,10 @@ def install(durable: Durable) -> None:
 
         def start(self, parent: Any) -> None:
             durable.check_definitions()  # a definition error stops the worker at start
-            try:
+            # A failure is logged by readiness in one line (what is wrong, what to do). The
+            # worker starts anyway: steps wait in the broker, the coordinator retries.
+            with contextlib.suppress(errors.DurableCeleryError):
                 durable._ensure_ready()
-            except errors.DurableCeleryError:
-                # Logged by readiness in one line (what is wrong, what to do). The worker
-                # starts anyway: steps wait in the broker, the coordinator retries.
-                pass
             if durable.settings.coordinator:
                 self.coordinator = durable.coordinator()
                 self.coordinator.start()
@@ -79,7 +78,7 @@ def _release_on_shutdown(**_: Any) -> None:
         durable._release_identity()
 
 
-@control.inspect_command()  # type: ignore[misc]
+@control.inspect_command()
 def durable_status(state: Any, **_: Any) -> dict[str, Any]:
     """``celery -A app inspect durable_status``: whether this worker can use its database
     (and what to do if not), per Durable of its app."""

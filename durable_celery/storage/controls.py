@@ -22,8 +22,8 @@ from durable_celery.storage import composition, migrate
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import Dispatch
 from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
-from durable_celery.storage.store import WAKE_FROM_INBOX
 from durable_celery.storage.sql import q as _q
+from durable_celery.storage.store import WAKE_FROM_INBOX
 
 S = migrate.SCHEMA
 

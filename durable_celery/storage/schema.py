@@ -127,7 +127,8 @@ CREATE TRIGGER runs_notify_done AFTER UPDATE OF finished_at ON {SCHEMA}.runs
     FOR EACH ROW WHEN (OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL)
     EXECUTE FUNCTION {SCHEMA}.notify_done();
 """
-sa.event.listen(runs, "after_create", sa.DDL(NOTIFY_DONE.replace("%", "%%")))
+sa.event.listen(runs, "after_create",
+                sa.DDL(NOTIFY_DONE.replace("%", "%%")))  # type: ignore[no-untyped-call]
 
 steps = sa.Table(
     "steps", metadata,

@@ -42,7 +42,7 @@ def test_a_run_that_does_not_exist_yet_is_waited_for(durable, published):
 
 def test_a_run_that_never_appears_is_not_found_at_the_timeout(durable, published):
     began = time.monotonic()
-    with pytest.raises(WorkflowNotFound, match="none appeared within 0.4s"):
+    with pytest.raises(WorkflowNotFound, match=r"none appeared within 0\.4s"):
         durable.wait_result("never", timeout=0.4)
     assert 0.35 <= time.monotonic() - began < 5
     with pytest.raises(WorkflowNotFound):
