@@ -396,9 +396,9 @@ class Durable:
         """Our priorities run 0 (default) .. 9 (first), as on RabbitMQ; Redis (kombu) serves
         0 first, so the value is mirrored there."""
         if self._redis_broker is None:
-            url = str(self.app.conf.broker_url or "")
-            self._redis_broker = url.split("://", 1)[0].split("+")[0] in (
-                "redis", "rediss", "sentinel", "redis-socket")
+            from durable_celery.coordinator.bindings import is_redis
+
+            self._redis_broker = is_redis(self.app)
         return 9 - priority if self._redis_broker else priority
 
     def signal(self, target: str, name: str, payload: Any = None, *,

@@ -393,11 +393,6 @@ class SweepStore:
             conn.execute(REGISTER_WORKER, {"id": worker_id, "hostname": hostname, "pid": pid,
                                            "nodename": nodename})
 
-    def heartbeat(self, worker_id: str) -> bool:
-        """Beat; False when the row is gone (this worker was reaped and must re-register)."""
-        with self.db.connect() as conn:
-            return bool(conn.execute(HEARTBEAT, {"id": worker_id}).rowcount)
-
     def deregister_worker(self, worker_id: str) -> int:
         """Release what this worker holds at once and remove its row."""
         with self.db.begin() as conn:

@@ -47,6 +47,10 @@ LOG_TAIL_BYTES = 8000
 STALE_AFTER = workerapp.SETTINGS["stale_after"]
 TERMINAL = ("done", "failed", "cancelled")
 
+# The mixed workload: kinds of runs in turn (chaos runs are the most).
+MIX = ("chaos", "order", "chaos", "batch", "chaos", "order", "chaos", "notify")
+BATCH_ITEMS = 5
+
 # (step, outcome) in the committed history of a run; the retry of b only for "flaky" runs.
 HEAD = [("a", "next")]
 RETRY = [("b", "retry")]
@@ -106,17 +110,24 @@ class Worker(WorkerProcess):
 
 @dataclass
 class Planned:
-    """One run: its id, input and the signal payload the signaller sends it."""
+    """One run: its kind, id, input and the signal payload the signaller sends it."""
 
     index: int
     workflow_id: str
     state: dict[str, Any]
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None   # None: no signal (a declined order, a batch, a task)
     early: bool                       # signal sent right after the start, before any Await
+    kind: str = "chaos"               # chaos | order | batch | notify
     started: bool = False
     sends: int = 0                    # signal messages published
     last_send: float | None = None
     landed: bool = False              # the signal row exists in the database
+    copies: int = 1                   # blind sender: copies it will send (1 or 2)
+    next_copy_at: float | None = None  # blind sender: when the second copy goes
+
+    @property
+    def signal(self) -> str:
+        return workerapp.SHIPPED if self.kind == "order" else workerapp.SIGNAL
 
 
 @dataclass
@@ -150,7 +161,9 @@ class Scenario:
 
     def __init__(self, name: str, tmp_path: Path, *, runs: int, workers: int = 3,
                  concurrency: int = 2, faults: str = "", duplicate_signals: bool = False,
-                 drop_signals: bool = False, seed: int | None = None) -> None:
+                 drop_signals: bool = False, seed: int | None = None, blind: bool = False,
+                 persistent_redis: bool = True, mixed: bool = False,
+                 signal_copies: int | None = None) -> None:
         self.name = name
         self.tmp_path = tmp_path
         self.runs = runs
@@ -159,6 +172,12 @@ class Scenario:
         self.faults = faults
         self.duplicate_signals = duplicate_signals
         self.drop_signals = drop_signals
+        # A blind sender sends each signal once or twice (one dedup key) and never sends
+        # it again after looking at the database; a publish the broker refused is tried
+        # again, as any client's would be.
+        self.blind = blind
+        self.mixed = mixed
+        self.signal_copies = signal_copies
         self.rng = random.Random(seed)
         self.queue = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
         self.tally = Tally()
@@ -178,7 +197,7 @@ class Scenario:
         self.pg = servers.PrivatePostgres(self.pg_root)
         redis_root = tmp_path / "redis"
         redis_root.mkdir()
-        self.redis = servers.PrivateRedis(redis_root)
+        self.redis = servers.PrivateRedis(redis_root, persistent=persistent_redis)
         try:
             self.pg.init().start()
             self.redis.start()
@@ -202,11 +221,27 @@ class Scenario:
         return sender
 
     def _plan(self, i: int) -> Planned:
+        wid = f"{self.name}-{i:04d}-{uuid.uuid4().hex[:8]}"
+        copies = self.signal_copies or (self.rng.choice((1, 2)) if self.blind else 1)
+        kind = MIX[i % len(MIX)] if self.mixed else "chaos"
+        if kind == "order":
+            decline = i % 4 == 0
+            return Planned(index=i, workflow_id=wid, kind=kind, copies=copies,
+                           state={"n": i, "decline": decline,
+                                  "hold": 0.4 if i % 5 == 0 else 0},
+                           payload=None if decline else {"tracking": f"T{i}-{self.rng.randint(0, 999)}"},
+                           early=i % 2 == 0)
+        if kind == "batch":
+            return Planned(index=i, workflow_id=wid, kind=kind, state={"items": BATCH_ITEMS},
+                           payload=None, early=False)
+        if kind == "notify":
+            return Planned(index=i, workflow_id=wid, kind=kind,
+                           state={"n": i, "countdown": round(self.rng.uniform(0.5, 2.0), 2)},
+                           payload=None, early=False)
         state = {"i": i, "x": self.rng.randint(1, 10**6), "flaky": i % 3 == 0,
                  "hold": 0.4 if i % 5 == 0 else 0, "sleep": 1.0}
-        return Planned(index=i, workflow_id=f"{self.name}-{i:04d}-{uuid.uuid4().hex[:8]}",
-                       state=state, payload={"v": self.rng.randint(0, 999), "i": i},
-                       early=i % 2 == 0)
+        return Planned(index=i, workflow_id=wid, state=state, copies=copies,
+                       payload={"v": self.rng.randint(0, 999), "i": i}, early=i % 2 == 0)
 
     # ------------------------------------------------------------------ processes
 
@@ -344,15 +379,24 @@ class Scenario:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def _start(self, planned: Planned) -> None:
+        durable = self.client.durable
+        if planned.kind == "notify":
+            self.client.notify.apply_async((planned.state["n"],), task_id=planned.workflow_id,
+                                           countdown=planned.state["countdown"])
+            return
+        wf = durable.get_definition(workerapp.WORKFLOW if planned.kind == "chaos"
+                                    else planned.kind)
+        wf.start(planned.state, workflow_id=planned.workflow_id)
+
     def _starter(self) -> None:
-        wf = self.client.durable.get_definition(workerapp.WORKFLOW)
         pause = START_WINDOW / max(self.runs, 1)
         for planned in self.plan:
             if self._stop.is_set():
                 return
             while True:
                 try:
-                    wf.start(planned.state, workflow_id=planned.workflow_id)
+                    self._start(planned)
                     break
                 except errors.DuplicateWorkflow as exc:
                     # An earlier attempt committed but its answer was lost: it is started.
@@ -366,9 +410,9 @@ class Scenario:
             planned.started = True
             time.sleep(pause)
 
-    def _send(self, planned: Planned) -> bool:
+    def _send(self, planned: Planned, copies: int | None = None) -> bool:
         """Publish the run's signal (twice if duplicating); False if the broker is away."""
-        copies = 2 if self.duplicate_signals else 1
+        copies = copies or (2 if self.duplicate_signals else 1)
         for _ in range(copies):
             self.tally.signal_messages += 1
             if self.drop_signals and self.rng.random() < SIGNAL_DROP_RATE:
@@ -377,7 +421,7 @@ class Scenario:
             try:
                 self.sender.send_task(
                     "durable_celery.signal", queue=self.queue, kwargs={
-                        "target": planned.workflow_id, "name": workerapp.SIGNAL,
+                        "target": planned.workflow_id, "name": planned.signal,
                         "payload": planned.payload, "dedup_key": dedup_key(planned)},
                     retry=False)
             except Exception:
@@ -393,28 +437,42 @@ class Scenario:
         return True
 
     def _signaller(self) -> None:
+        wanted = [p for p in self.plan if p.payload is not None]
         while not self._stop.is_set():
-            started = [p for p in self.plan if p.started]
+            now = time.monotonic()
+            started = [p for p in wanted if p.started]
             unsent = [p for p in started if p.last_send is None]
+            # When to send the first copy: at once for "early" runs (the signal waits in the
+            # inbox), else once the run is seen awaiting. Never whether to send again.
             awaiting = {r[0] for r in self.probe.rows(
                 "SELECT id FROM durable_celery.runs WHERE status = 'awaiting' AND id = ANY(%s)",
                 [p.workflow_id for p in unsent if not p.early])} if unsent else set()
             for planned in unsent:
-                if planned.early or planned.workflow_id in awaiting:
-                    self._send(planned)
-            pending = [p for p in started if p.last_send is not None and not p.landed]
-            if pending:
-                landed = {r[0] for r in self.probe.rows(
-                    "SELECT dedup_key FROM durable_celery.signals WHERE dedup_key = ANY(%s)",
-                    [dedup_key(p) for p in pending])}
-                for planned in pending:
-                    if dedup_key(planned) in landed:
-                        planned.landed = True
-                    elif time.monotonic() - (planned.last_send or 0) > RESEND_AFTER:
-                        self.tally.signal_resends += 1
-                        self._send(planned)
-            if len(started) == self.runs and all(p.landed for p in self.plan):
-                return
+                if (planned.early or planned.workflow_id in awaiting) and self._send(planned) \
+                        and self.blind and planned.copies == 2:
+                    planned.next_copy_at = now + self.rng.uniform(1.0, 6.0)
+            if self.blind:
+                for planned in started:
+                    if planned.next_copy_at is not None and now >= planned.next_copy_at \
+                            and self._send(planned, copies=1):
+                        planned.next_copy_at = None
+                if len(started) == len(wanted) and all(
+                        p.last_send is not None and p.next_copy_at is None for p in wanted):
+                    return
+            else:
+                pending = [p for p in started if p.last_send is not None and not p.landed]
+                if pending:
+                    landed = {r[0] for r in self.probe.rows(
+                        "SELECT dedup_key FROM durable_celery.signals "
+                        "WHERE dedup_key = ANY(%s)", [dedup_key(p) for p in pending])}
+                    for planned in pending:
+                        if dedup_key(planned) in landed:
+                            planned.landed = True
+                        elif time.monotonic() - (planned.last_send or 0) > RESEND_AFTER:
+                            self.tally.signal_resends += 1
+                            self._send(planned)
+                if len(started) == len(wanted) and all(p.landed for p in wanted):
+                    return
             self._stop.wait(0.25)
 
     def unfinished(self) -> int:
@@ -454,7 +512,13 @@ class Scenario:
     def account(self, allowed: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], list[str]]:
         """Check every run; return (figures, problems). ``allowed(effect)`` says whether an
         execution whose outcome was never committed is explained by the scenario's chaos."""
-        ids = [p.workflow_id for p in self.plan]
+        planned_ids = [p.workflow_id for p in self.plan]
+        children: dict[str, list[str]] = {}
+        for child, parent in self.probe.rows(
+                "SELECT id, parent_id FROM durable_celery.runs WHERE parent_id = ANY(%s) "
+                "ORDER BY parent_id, child_index", planned_ids):
+            children.setdefault(parent, []).append(child)
+        ids = planned_ids + [c for kids in children.values() for c in kids]
         runs = {r[0]: r for r in self.probe.rows(
             "SELECT id, status, step, seq, attempt, input, result, error, owner, updated_at "
             "FROM durable_celery.runs WHERE id = ANY(%s)", ids)}
@@ -481,46 +545,35 @@ class Scenario:
         problems: list[str] = []
         stuck: list[str] = []
         extras: list[dict[str, Any]] = []
+        checks: list[tuple[str, str, Any, list[list[tuple[str, str]]], Any]] = []
         for planned in self.plan:
-            wid = planned.workflow_id
+            checks += self._expect(planned, children.get(planned.workflow_id, []))
+        planned_set = set(planned_ids)
+        ended_right = 0
+        for wid, status, result, patterns, awaited in checks:
             run, hist = runs.get(wid), history.get(wid, [])
             if run is None:
                 problems.append(f"{wid}: no run row (never started?)")
                 continue
-            if run[1] != "done":
+            ended_right += wid in planned_set and run[1] == status
+            if run[1] != status:
                 described = describe_run(run, hist, sigs.get(wid, []))
                 if run[1] in TERMINAL:
-                    problems.append(f"{wid}: finished {run[1]}, not done:\n{described}")
+                    problems.append(f"{wid}: finished {run[1]}, not {status}:\n{described}")
                 else:
                     stuck.append(described)
                 continue
-            want = workerapp.expected_result(planned.state, planned.payload)
-            if run[6] != want:
-                problems.append(f"{wid}: result {run[6]!r}, expected {want!r}")
+            if result is not ANY_RESULT and run[6] != result:
+                problems.append(f"{wid}: result {run[6]!r}, expected {result!r}")
             if [h[1] for h in hist] != list(range(1, len(hist) + 1)) or run[3] != len(hist):
                 problems.append(f"{wid}: history seqs {[h[1] for h in hist]} vs run seq {run[3]}")
             pattern = [(h[2], h[4]) for h in hist]
-            allowed_patterns = [HEAD + TAIL]
-            if planned.state["flaky"]:
-                allowed_patterns.append(HEAD + RETRY + TAIL)
-            if pattern not in allowed_patterns:
-                problems.append(f"{wid}: committed history {pattern} is not one of "
-                                f"{allowed_patterns}")
+            if pattern not in patterns:
+                problems.append(f"{wid}: committed history {pattern} is not one of {patterns}")
             for h in hist:
                 if h[2] == "b" and h[4] == "retry" and h[3] != 0:
                     problems.append(f"{wid}: b retried at attempt {h[3]}")
-            signal_rows = sigs.get(wid, [])
-            e_seq = next((h[1] for h in hist if h[2] == "e"), None)
-            if len(signal_rows) != 1:
-                problems.append(f"{wid}: {len(signal_rows)} signal rows (want exactly 1): "
-                                f"{signal_rows}")
-            else:
-                _, name, payload, key, consumed_at, consumed_seq = signal_rows[0]
-                if (name, payload, key) != (workerapp.SIGNAL, planned.payload, dedup_key(planned)):
-                    problems.append(f"{wid}: signal row {signal_rows[0]}")
-                if consumed_at is None or consumed_seq != e_seq:
-                    problems.append(f"{wid}: signal consumed at seq {consumed_seq}, step e "
-                                    f"committed at seq {e_seq}")
+            problems += self._check_signal(wid, hist, sigs.get(wid, []), awaited)
             committed = Counter((h[2], h[3]) for h in hist)
             for (step, attempt), count in committed.items():
                 found = effects.get((wid, step, attempt), [])
@@ -537,7 +590,10 @@ class Scenario:
 
         figures = {
             "scenario": self.name, "runs": self.runs,
-            "done": sum(1 for r in runs.values() if r[1] == "done"),
+            # planned runs that ended as they should (done; a declined order compensated)
+            "done": ended_right,
+            "child_runs": len(ids) - len(planned_ids),
+            "kinds": dict(Counter(p.kind for p in self.plan)),
             "stuck": len(stuck),
             "seconds": round(self.finished_at or self.elapsed(), 1),
             "kills": self.tally.kills, "worker_restarts": self.tally.worker_restarts,
@@ -568,6 +624,51 @@ class Scenario:
             problems.insert(0, f"{len(stuck)} run(s) not terminal "
                                f"{DEADLINE:.0f}s after the first start:\n" + "\n".join(stuck[:20]))
         return figures, problems
+
+    def _expect(self, planned: Planned, kids: list[str]) -> list[Any]:
+        """(workflow_id, status, result, allowed histories, (signal, payload) or None) for
+        the planned run and the runs it started."""
+        wid, state = planned.workflow_id, planned.state
+        if planned.kind == "order":
+            if state["decline"]:
+                return [(wid, "compensated", ANY_RESULT,
+                         [[("reserve", "next"), ("charge", "fail"), ("release", "compensated")]],
+                         None)]
+            return [(wid, "done", workerapp.expected_order(state, planned.payload),
+                     [[("reserve", "next"), ("charge", "next"), ("wait_ship", "await"),
+                       ("ship", "done")]], (workerapp.SHIPPED, planned))]
+        if planned.kind == "batch":
+            items = range(state["items"])
+            found = [(wid, "done", sum(i * 10 for i in items),
+                      [[("fan", "spawn"), ("total", "done")]], None)]
+            if len(kids) != state["items"]:
+                found.append((f"{wid}/children", "done", None, [], None))  # reported missing
+            return found + [(kid, "done", i * 10, [[("pick", "sleep"), ("pack", "done")]], None)
+                            for i, kid in enumerate(kids)]
+        if planned.kind == "notify":
+            return [(wid, "done", state["n"] * 2, [[("run", "done")]], None)]
+        patterns = [HEAD + TAIL] + ([HEAD + RETRY + TAIL] if state["flaky"] else [])
+        return [(wid, "done", workerapp.expected_result(state, planned.payload or {}), patterns,
+                 (workerapp.SIGNAL, planned))]
+
+    @staticmethod
+    def _check_signal(wid: str, hist: list[tuple[Any, ...]], rows: list[tuple[Any, ...]],
+                      expected: Any) -> list[str]:
+        """Exactly one signal row, the one sent, consumed by the step after the Await."""
+        if expected is None:
+            return [f"{wid}: unexpected signal rows {rows}"] if rows else []
+        name, planned = expected
+        if len(rows) != 1:
+            return [f"{wid}: {len(rows)} signal rows (want exactly 1): {rows}"]
+        _, got_name, payload, key, consumed_at, consumed_seq = rows[0]
+        problems = []
+        if (got_name, payload, key) != (name, planned.payload, dedup_key(planned)):
+            problems.append(f"{wid}: signal row {rows[0]}")
+        last = hist[-1][1] if hist else None
+        if consumed_at is None or consumed_seq != last:
+            problems.append(f"{wid}: signal consumed at seq {consumed_seq}, the step after "
+                            f"the Await committed at seq {last}")
+        return problems
 
     def log_counts(self) -> dict[str, int]:
         """What the workers logged: reclaimed runs, lease losses, failed commits, faults."""
@@ -627,7 +728,10 @@ class Scenario:
 
 
 def dedup_key(planned: Planned) -> str:
-    return f"go:{planned.workflow_id}"
+    return f"{planned.signal}:{planned.workflow_id}"
+
+
+ANY_RESULT = object()  # a run whose result the accounting does not compare
 
 
 def describe_run(run: tuple[Any, ...], hist: list[tuple[Any, ...]],
@@ -663,14 +767,16 @@ def within(outages: list[tuple[str, datetime, datetime]], before: float,
 
 
 def report_line(figures: dict[str, Any]) -> str:
-    return (f"chaos {figures['scenario']}: {figures['done']}/{figures['runs']} runs done in "
-            f"{figures['seconds']}s; kills={figures['kills']} "
+    children = f" (+{figures['child_runs']} children)" if figures.get("child_runs") else ""
+    return (f"chaos {figures['scenario']}: {figures['done']}/{figures['runs']} runs "
+            f"ended right{children} in {figures['seconds']}s; kills={figures['kills']} "
             f"worker_restarts={figures['worker_restarts']} "
             f"worker_exits={figures['worker_exits']} "
             f"redis_restarts={figures['redis_restarts']} "
             f"postgres_restarts={figures['postgres_restarts']} pauses={figures['pauses']} "
             f"re_executions={figures['re_executions']} reaped={figures['reaped']} "
-            f"lease_lost={figures['lease_lost']} signal_resends={figures['signal_resends']}")
+            f"lease_lost={figures['lease_lost']} signal_resends={figures['signal_resends']} "
+            f"signals_sent={figures['signal_messages']}")
 
 
 def write_summary(figures: dict[str, Any]) -> Path:

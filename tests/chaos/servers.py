@@ -105,6 +105,11 @@ class PrivatePostgres:
         """``pg_ctl stop -m fast``: sessions are cut, open transactions roll back."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
 
+    def crash(self) -> None:
+        """``pg_ctl stop -m immediate``: the server dies without a checkpoint, as in a crash;
+        the next start recovers from the WAL."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:

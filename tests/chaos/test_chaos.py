@@ -38,7 +38,7 @@ def settle(scenario: Scenario, request: pytest.FixtureRequest,
 
 def test_sigkill_random_workers(chaos: Chaos, request: pytest.FixtureRequest) -> None:
     """1. SIGKILL a random worker (its whole process group) every few seconds; restart it."""
-    scenario = chaos("sigkill", duplicate_signals=True)
+    scenario = chaos("sigkill", blind=True)
     rng = random.Random()
     scenario.begin()
     while scenario.chaos_window():
@@ -59,7 +59,7 @@ def test_sigkill_random_workers(chaos: Chaos, request: pytest.FixtureRequest) ->
 
 def test_redis_restarts(chaos: Chaos, request: pytest.FixtureRequest) -> None:
     """2. Kill the broker (SIGKILL) mid-run and start it again seconds later, twice."""
-    scenario = chaos("redis")
+    scenario = chaos("redis", blind=True)
     scenario.begin()
     for at in (6.0, 16.0):
         scenario.idle_until(at)
@@ -75,7 +75,7 @@ def test_redis_restarts(chaos: Chaos, request: pytest.FixtureRequest) -> None:
 
 def test_postgres_restarts(chaos: Chaos, request: pytest.FixtureRequest) -> None:
     """3. Stop Postgres (fast shutdown) mid-run and start it again seconds later, twice."""
-    scenario = chaos("postgres")
+    scenario = chaos("postgres", blind=True)
     scenario.begin()
     for at in (6.0, 16.0):
         scenario.idle_until(at)
@@ -107,7 +107,7 @@ def reconnected(scenario: Scenario) -> None:
 def test_paused_worker_is_reclaimed(chaos: Chaos, request: pytest.FixtureRequest) -> None:
     """4. SIGSTOP a worker while it runs a step, longer than stale_after, then SIGCONT it:
     its runs are reclaimed and run elsewhere; its late commits are refused."""
-    scenario = chaos("sigstop", duplicate_signals=True)
+    scenario = chaos("sigstop", blind=True)
     scenario.begin()
     tally = scenario.tally
     while tally.pauses < 3 and scenario.chaos_window(extra=15.0):
@@ -165,3 +165,89 @@ def test_duplicated_and_dropped_messages(chaos: Chaos, request: pytest.FixtureRe
     # A duplicate is refused by the claim; a drop is re-sent by the dispatcher: nothing ran
     # twice.
     assert figures["re_executions"] == 0, figures
+
+
+def test_postgres_crashes(chaos: Chaos, request: pytest.FixtureRequest) -> None:
+    """6. Crash Postgres (``pg_ctl stop -m immediate``: no checkpoint, WAL recovery at the
+    next start) mid-run, twice; signals from a blind sender (never re-sent)."""
+    scenario = chaos("pg-crash", blind=True)
+    scenario.begin()
+    for at in (6.0, 16.0):
+        scenario.idle_until(at)
+        scenario.outage("postgres-crash", scenario.pg.crash, scenario.pg.start, seconds=4.0)
+        scenario.tally.postgres_restarts += 1
+    figures = settle(scenario, request,
+                     harness.within(scenario.tally.outages, before=3.0, after=20.0))
+    assert figures["postgres_restarts"] == 2 and figures["signal_resends"] == 0, figures
+    assert figures["re_executions"] <= (figures["commit_failed"] + figures["abandoned"]
+                                        + figures["reaped"]), figures
+    reconnected(scenario)
+
+
+def test_redis_without_persistence(chaos: Chaos, request: pytest.FixtureRequest) -> None:
+    """7. A Redis without persistence is stopped with SHUTDOWN NOSAVE, twice: its queues and
+    every message workers held unacknowledged are gone. Step messages come back from
+    Postgres; signals by name were applied as received. The blind sender sends each signal
+    twice, a few seconds apart, and never again."""
+    scenario = chaos("redis-nosave", blind=True, persistent_redis=False, signal_copies=2)
+    scenario.begin()
+    for at in (6.0, 16.0):
+        scenario.idle_until(at)
+        scenario.outage("redis-nosave", scenario.redis.shutdown_nosave, scenario.redis.start,
+                        seconds=3.0)
+        scenario.tally.redis_restarts += 1
+    exited = scenario.exited_groups
+    figures = settle(scenario, request, lambda effect: effect["pgid"] in exited)
+    assert figures["redis_restarts"] == 2 and figures["signal_resends"] == 0, figures
+    reconnected(scenario)
+
+
+def test_mixed_workload_under_overlapping_chaos(chaos: Chaos,
+                                                request: pytest.FixtureRequest) -> None:
+    """8. The mixed workload -- the chaos workflow, sagas (some declined and compensated),
+    foreach with a cap of 2, a drop-in task started with a countdown, blind signals by
+    name -- while every kind of chaos hits at once, twice: a worker is SIGKILLed, another
+    is frozen past stale_after, Redis (no persistence) shuts down without saving and
+    Postgres crashes."""
+    scenario = chaos("storm", blind=True, persistent_redis=False, mixed=True, signal_copies=2)
+    scenario.begin()
+    for at in (6.0, 18.0):
+        scenario.idle_until(at)
+        storm(scenario)
+    tally = scenario.tally
+    broken = tally.killed_groups | tally.paused_groups | scenario.exited_groups
+    near_outage = harness.within(tally.outages, before=3.0, after=20.0)
+    figures = settle(scenario, request,
+                     lambda effect: effect["pgid"] in broken or near_outage(effect))
+    assert tally.kills == 2 and tally.pauses >= 1, figures
+    assert figures["redis_restarts"] == 2 and figures["postgres_restarts"] == 2, figures
+    assert figures["signal_resends"] == 0, figures
+    assert figures["kinds"]["order"] and figures["kinds"]["batch"], figures
+
+
+def storm(scenario: Scenario) -> None:
+    """Kill one worker, freeze another, and take Redis and Postgres down, all at once."""
+    tally = scenario.tally
+    ready = [w for w in scenario.live_workers() if w.ready()] or scenario.live_workers()
+    busy = [w for w in ready if scenario.executing_on(scenario.worker_ids(w))]
+    victim = random.choice(busy or ready)
+    tally.held_at_kill += len(scenario.executing_on(scenario.worker_ids(victim)))
+    scenario.kill_worker(victim)
+    frozen = next((w for w in scenario.live_workers() if w is not victim and w.ready()), None)
+    if frozen is not None:
+        frozen.signal_group(signal.SIGSTOP)
+        tally.pauses += 1
+        tally.paused_groups.add(frozen.pid)
+    began = harness.now()
+    scenario.redis.shutdown_nosave()
+    scenario.pg.crash()
+    scenario.idle(4.0)
+    scenario.pg.start()
+    scenario.redis.start()
+    tally.outages.append(("storm", began, harness.now()))
+    tally.redis_restarts += 1
+    tally.postgres_restarts += 1
+    scenario.replace_worker(victim)
+    scenario.idle(STALE_AFTER + 3.0 - 4.0)
+    if frozen is not None:
+        frozen.signal_group(signal.SIGCONT)

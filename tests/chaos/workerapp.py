@@ -33,13 +33,15 @@ from typing import Any
 import psycopg
 from celery import Celery
 
-from durable_celery import Await, Done, Durable, Fail, Sleep
+from durable_celery import Await, Done, Durable, Fail, Sleep, foreach
 
 SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
                               "sweep_interval": 0.2, "redispatch_after": 2.0}
 WORKFLOW = "chaos"
 STEPS = ("a", "b", "c", "d", "e")
 SIGNAL = "go"
+SHIPPED = "shipped"
+NOTIFY_TASK = "chaos.notify"
 DROP_RATE = 0.1
 EFFECT_RETRY_SECONDS = 90.0
 
@@ -84,6 +86,9 @@ class Effects:
         return conn
 
     def record(self, ctx: Any, step: str) -> None:
+        self.record_raw(ctx.workflow_id, step, ctx.attempt, ctx.idempotency_key)
+
+    def record_raw(self, workflow_id: str, step: str, attempt: int, key: str) -> None:
         token = uuid.uuid4().hex
         deadline = time.monotonic() + EFFECT_RETRY_SECONDS
         while True:
@@ -92,8 +97,7 @@ class Effects:
                     "INSERT INTO chaos.effects (token, workflow_id, step, attempt, "
                     "idempotency_key, pid, pgid) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (token) DO NOTHING",
-                    (token, ctx.workflow_id, step, ctx.attempt, ctx.idempotency_key,
-                     os.getpid(), os.getpgid(0)))
+                    (token, workflow_id, step, attempt, key, os.getpid(), os.getpgid(0)))
                 return
             except psycopg.OperationalError:
                 conn = getattr(self._local, "conn", None)
@@ -141,6 +145,7 @@ class ChaosApp:
     app: Celery
     durable: Durable
     effects: Effects
+    notify: Any = None  # the @durable.task of the mixed workload
     faults: dict[str, int] | None = None
 
     def close(self) -> None:
@@ -191,12 +196,102 @@ def build(broker_url: str, database_url: str, queue: str, *, faults: str = "",
             return Fail("step e ran without its signal")
         return Done(expected_result(ctx.state, go.payload))
 
-    chaos = ChaosApp(app=app, durable=durable, effects=effects)
+    notify = declare_mixed(durable, effects)
+    chaos = ChaosApp(app=app, durable=durable, effects=effects, notify=notify)
     if faults == "dup-drop":
         chaos.faults = install_message_faults(durable)
     elif faults:
         raise ValueError(f"unknown CHAOS_FAULTS {faults!r}")
     return chaos
+
+
+def expected_order(state: dict[str, Any], payload: dict[str, Any] | None) -> Any:
+    """An order's end: compensated when its card is declined, else shipped."""
+    if state["decline"]:
+        return None
+    assert payload is not None
+    return {"order": state["n"], "tracking": payload["tracking"]}
+
+
+def declare_mixed(durable: Durable, effects: Effects) -> Any:
+    """The mixed workload: a saga, foreach with a cap, and a drop-in task (returned)."""
+    # -- a saga: reserve (undone by release) -> charge (declines some cards) -> wait for
+    #    the "shipped" signal (sent by name, blindly) -> ship
+    order = durable.workflow("order")
+
+    @order.step(compensate="release")
+    def reserve(ctx: Any) -> Any:
+        effects.record(ctx, "reserve")
+        return None
+
+    @order.step
+    def charge(ctx: Any) -> Any:
+        effects.record(ctx, "charge")
+        hold = float(ctx.state.get("hold", 0))
+        if hold:
+            time.sleep(hold)
+        if ctx.state.get("decline"):
+            return Fail("card declined")
+        return None
+
+    @order.step
+    def wait_ship(ctx: Any) -> Any:
+        effects.record(ctx, "wait_ship")
+        return Await(SHIPPED)
+
+    @order.step
+    def ship(ctx: Any) -> Any:
+        effects.record(ctx, "ship")
+        shipped = ctx.signal(SHIPPED)
+        if shipped is None:
+            return Fail("ship ran without its signal")
+        return Done(expected_order(ctx.state, shipped.payload))
+
+    @order.compensation
+    def release(ctx: Any) -> Any:
+        effects.record(ctx, "release")
+        return None
+
+    # -- foreach with a cap: items picked (a short durable sleep) and packed
+    item = durable.workflow("item")
+
+    @item.step
+    def pick(ctx: Any) -> Any:
+        effects.record(ctx, "pick")
+        return Sleep(seconds=0.3)
+
+    @item.step
+    def pack(ctx: Any) -> Any:
+        effects.record(ctx, "pack")
+        hold = float(ctx.state.get("hold", 0))
+        if hold:
+            time.sleep(hold)
+        return Done(ctx.state["item"] * 10)
+
+    batch = durable.workflow("batch")
+
+    @batch.step
+    def fan(ctx: Any) -> Any:
+        effects.record(ctx, "fan")
+        items = [{"item": i, "hold": 0.3 if i % 3 == 0 else 0}
+                 for i in range(int(ctx.state["items"]))]
+        return foreach(items, item, concurrency=2)
+
+    @batch.step
+    def total(ctx: Any) -> Any:
+        effects.record(ctx, "total")
+        if any(c.status != "done" for c in ctx.children):
+            return Fail(f"children ended {[c.status for c in ctx.children]}")
+        return Done(sum(c.result for c in ctx.children))
+
+    # -- a drop-in task, started with a countdown
+    @durable.task(name=NOTIFY_TASK, bind=True)
+    def notify(self: Any, n: int) -> int:
+        effects.record_raw(self.request.id, "run", self.request.retries,
+                           self.request.idempotency_key)
+        return n * 2
+
+    return notify
 
 
 if os.environ.get("CHAOS_BROKER_URL"):

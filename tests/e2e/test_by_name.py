@@ -86,3 +86,38 @@ def test_by_name_messages_are_applied_as_received_on_rabbitmq(make_e2e):
             "target": target, "name": "go", "payload": {"v": 4}})
     assert e2e.durable.wait_result(target, timeout=30)["go"] == {"v": 4}
     assert "applied as received" in worker.log.read_text(errors="replace")
+
+
+def test_a_redis_that_restarts_empty_routes_to_the_queue_again_at_once(make_e2e,
+                                                                       volatile_redis):
+    """kombu keeps queue bindings in Redis; one that restarts empty drops what is published
+    to it until a consumer declares its queue again -- Celery's consumer only when it
+    reconnects, seconds later. The coordinator declares them again as soon as it sees the
+    restart, so a signal a plain app sends right after is applied."""
+    import time
+
+    import redis as redis_lib
+
+    e2e = make_e2e(volatile_redis.url)
+    worker = e2e.worker("prefork", 1)
+    target = e2e.start("timer", {"x": 6, "sleep": 0.1})
+    e2e.wait_status(target, "awaiting", timeout=30)
+    binding = f"_kombu.binding.{e2e.queue}"
+    client = redis_lib.Redis(host="127.0.0.1", port=volatile_redis.port)
+    try:
+        assert client.exists(binding)
+        volatile_redis.shutdown_nosave()
+        time.sleep(3.0)
+        volatile_redis.start()
+        back = time.monotonic()
+        wait_for(lambda: client.exists(binding), timeout=1.5,
+                 what="the queue's binding to be declared again")
+        assert time.monotonic() - back < 1.5
+    finally:
+        client.close()
+    with Celery("plain", broker=volatile_redis.url, set_as_current=False) as plain:
+        plain.send_task("durable_celery.signal", queue=e2e.queue, kwargs={
+            "target": target, "name": "go", "payload": {"v": 6}})
+    assert e2e.durable.wait_result(target, timeout=40)["go"] == {"v": 6}
+    assert "the Redis broker restarted: declared this worker's queues again" in \
+        worker.log.read_text(errors="replace")
