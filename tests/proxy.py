@@ -15,8 +15,11 @@ import threading
 
 
 class Proxy:
-    def __init__(self, target_host: str, target_port: int, *, mode: str = "forward") -> None:
-        self.target = (target_host, target_port)
+    """Listens on a loopback TCP port; forwards to ``target``: ``(host, port)``, or the path
+    of a Unix socket (an embedded Postgres listens on one)."""
+
+    def __init__(self, target: tuple[str, int] | str, *, mode: str = "forward") -> None:
+        self.target = target
         self.mode = mode
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -26,12 +29,23 @@ class Proxy:
         self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def for_database(cls, database_url: str, *, mode: str = "forward") -> Proxy:
+        """A proxy in front of the Postgres of ``database_url`` (TCP or socket folder)."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(database_url)
+        folder = url.query.get("host")
+        if isinstance(folder, str) and folder.startswith("/"):
+            return cls(f"{folder}/.s.PGSQL.{url.port or 5432}", mode=mode)
+        return cls((url.host or "127.0.0.1", url.port or 5432), mode=mode)
+
     def url_for(self, database_url: str) -> str:
         """``database_url`` (an SQLAlchemy URL) pointed at this proxy."""
         from sqlalchemy.engine import make_url
 
-        return make_url(database_url).set(host="127.0.0.1", port=self.port).render_as_string(
-            hide_password=False)
+        url = make_url(database_url).difference_update_query(["host"])
+        return url.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
 
     def _accept(self) -> None:
         self._server.settimeout(0.2)
@@ -52,7 +66,14 @@ class Proxy:
 
     def _pipe(self, client: socket.socket) -> None:
         try:
-            upstream = socket.create_connection(self.target, timeout=5)
+            if isinstance(self.target, str):
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.settimeout(5)
+                upstream.connect(self.target)
+                upstream.settimeout(None)
+            else:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
         except OSError:
             client.close()
             return

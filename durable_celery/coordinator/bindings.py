@@ -22,6 +22,9 @@ from typing import Any
 log = logging.getLogger("durable_celery.coordinator")
 
 REDIS_SCHEMES = ("redis", "rediss", "sentinel", "redis-socket")
+# One quick attempt per pass, never kombu's retry loop (its sleeps would hold up timers).
+QUICK = {"max_retries": 0, "interval_start": 0, "interval_step": 0, "interval_max": 0,
+         "socket_timeout": 1.0, "socket_connect_timeout": 1.0}
 
 
 def is_redis(app: Any) -> bool:
@@ -44,8 +47,9 @@ class Bindings:
             return 0
         try:
             if self._conn is None:
-                self._conn = self.app.connection_for_write()
-                self._conn.ensure_connection(max_retries=1)
+                # The app's transport options too (a key prefix names the bindings).
+                self._conn = self.app.connection_for_write(transport_options=QUICK)
+                self._conn.ensure_connection(max_retries=0)
             channel = self._conn.default_channel
             run_id = str(channel.client.info("server").get("run_id"))
             if run_id == self._run_id:

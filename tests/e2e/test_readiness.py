@@ -14,7 +14,6 @@ import uuid
 
 import psutil
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests import services
 from tests.e2e.conftest import REPO_ROOT, wait_for
@@ -32,8 +31,7 @@ def pool_children(worker) -> list[psutil.Process]:
 
 
 def test_a_worker_whose_database_is_away_waits_quietly_and_recovers(e2e, database_url):
-    url = make_url(database_url)
-    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432, mode="blackhole")
+    proxy = Proxy.for_database(database_url, mode="blackhole")
     try:
         worker = e2e.worker("prefork", 1, env={"E2E_DATABASE_URL": proxy.url_for(database_url)})
         # The worker is up although its coordinator waits for the database.

@@ -16,13 +16,18 @@ from durable_celery.testing import drain
 from tests import services
 
 
+def with_query(url: str, **params: str) -> str:
+    return sa.engine.make_url(url).update_query_dict(params).render_as_string(
+        hide_password=False)
+
+
 def show(holder: EngineHolder, name: str) -> str:
     with holder.connect() as conn:
         return str(conn.execute(sa.text(f"SHOW {name}")).scalar())
 
 
 def test_options_in_the_url_are_kept_next_to_ours(database_url):
-    url = database_url + "?options=-c%20statement_timeout%3D1234"
+    url = with_query(database_url, options="-c statement_timeout=1234")
     holder = EngineHolder(url, liveness=2.0)
     try:
         assert show(holder, "statement_timeout") == "1234ms"
@@ -32,7 +37,7 @@ def test_options_in_the_url_are_kept_next_to_ours(database_url):
 
 
 def test_a_setting_the_url_names_wins_over_ours(database_url):
-    url = database_url + "?options=-c%20idle_in_transaction_session_timeout%3D7000"
+    url = with_query(database_url, options="-c idle_in_transaction_session_timeout=7000")
     holder = EngineHolder(url, liveness=2.0)
     try:
         assert show(holder, "idle_in_transaction_session_timeout") == "7s"
@@ -45,7 +50,7 @@ def test_keepalives_notice_a_dead_peer_unless_the_url_says_otherwise(database_ur
     args = holder.connect_args()
     assert (args["keepalives"], args["keepalives_idle"], args["tcp_user_timeout"]) == \
         (1, 10, 30000)
-    own = EngineHolder(database_url + "?keepalives_idle=99", liveness=30.0)
+    own = EngineHolder(with_query(database_url, keepalives_idle="99"), liveness=30.0)
     assert "keepalives_idle" not in own.connect_args()
     line = holder.dedicated(statement_timeout=0.4)
     try:

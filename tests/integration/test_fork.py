@@ -10,7 +10,6 @@ import time
 
 import pytest
 from celery import Celery
-from sqlalchemy.engine import make_url
 
 from durable_celery import Durable, errors
 from tests.proxy import Proxy
@@ -18,12 +17,11 @@ from tests.proxy import Proxy
 
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: on purpose
 def test_a_child_forked_during_a_database_wait_can_work(database_url):
-    url = make_url(database_url)
-    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432, mode="blackhole")
+    proxy = Proxy.for_database(database_url, mode="blackhole")
     app = Celery("fork", broker="memory://", set_as_current=False)
     durable = Durable(app, database_url=proxy.url_for(database_url))
+    coordinator = durable.coordinator()
     try:
-        coordinator = durable.coordinator()
         coordinator.start()  # its first pass waits on the black-holed connect
         time.sleep(1.0)
         # A thread inside a locked section at the moment of the fork, as the heartbeat or
@@ -73,8 +71,8 @@ def test_a_child_forked_during_a_database_wait_can_work(database_url):
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
-        coordinator.stop()
     finally:
+        coordinator.stop()
         durable.close()
         app.close()
         proxy.close()
