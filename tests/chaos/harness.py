@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 from celery import Celery
+from kombu import Exchange, Queue
 
 from durable_celery import errors
 from durable_celery.testing import WorkerProcess
@@ -177,6 +178,10 @@ class Scenario:
         # again, as any client's would be.
         self.blind = blind
         self.mixed = mixed
+        # A Redis without persistence forgets kombu's queue bindings when it restarts: a
+        # sender that must not lose a message declares its queue with each publish
+        # (docs/reliability.md), as this one does then.
+        self.declare_on_send = not persistent_redis
         self.signal_copies = signal_copies
         self.rng = random.Random(seed)
         self.queue = f"chaos-{name}-{uuid.uuid4().hex[:6]}"
@@ -419,11 +424,7 @@ class Scenario:
                 self.tally.signal_dropped += 1
                 continue
             try:
-                self.sender.send_task(
-                    "durable_celery.signal", queue=self.queue, kwargs={
-                        "target": planned.workflow_id, "name": planned.signal,
-                        "payload": planned.payload, "dedup_key": dedup_key(planned)},
-                    retry=False)
+                self._publish(planned)
             except Exception:
                 # Broker away: a client would reconnect and try again later; so do we,
                 # with a fresh connection (kombu may keep a broken one in its pool).
@@ -435,6 +436,19 @@ class Scenario:
         planned.sends += 1
         planned.last_send = time.monotonic()
         return True
+
+    def _publish(self, planned: Planned) -> None:
+        kwargs = {"target": planned.workflow_id, "name": planned.signal,
+                  "payload": planned.payload, "dedup_key": dedup_key(planned)}
+        if not self.declare_on_send:
+            self.sender.send_task("durable_celery.signal", queue=self.queue, kwargs=kwargs,
+                                  retry=False)
+            return
+        with self.sender.connection_for_write() as conn:
+            Queue(self.queue, Exchange(self.queue), routing_key=self.queue)(
+                conn.default_channel).declare()
+            self.sender.send_task("durable_celery.signal", queue=self.queue, kwargs=kwargs,
+                                  connection=conn, retry=False)
 
     def _signaller(self) -> None:
         wanted = [p for p in self.plan if p.payload is not None]
