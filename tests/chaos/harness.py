@@ -11,6 +11,7 @@ table say, and returns the figures the report prints.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -145,6 +146,9 @@ class Tally:
     signal_dropped: int = 0
     signal_resends: int = 0
     signal_send_failures: int = 0
+    # signal messages still queued in a Redis without persistence when it shut down (never
+    # received by a worker, so gone with the server): sent again after it restarts
+    signals_lost_in_broker: int = 0
     worker_exits: int = 0            # workers that exited by themselves (restarted)
     # (kind, start, end) windows of outages, UTC
     outages: list[tuple[str, datetime, datetime]] = field(default_factory=list)
@@ -193,6 +197,10 @@ class Scenario:
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self.exited_groups: set[int] = set()
+        # Held by each publish and by a Redis shutdown's look at what its queues hold, so no
+        # message slips in between the look and the shutdown.
+        self._broker = threading.Lock()
+        self._lost: list[Planned] = []
         self.t0 = 0.0
         self.finished_at: float | None = None
 
@@ -351,6 +359,52 @@ class Scenario:
         """Idle until ``at`` seconds after the first start."""
         self.idle(at - self.elapsed())
 
+    def redis_nosave(self) -> None:
+        """Shut Redis down without saving. Signal messages still in its queues were never
+        received by a worker: they go with the server (what a Redis without persistence
+        promises, docs/reliability.md). They are noted here, under the publish lock so none
+        slips in between, and sent again by :meth:`redis_back`."""
+        with self._broker:
+            self._lost.extend(self.queued_signals())
+            self.redis.shutdown_nosave()
+
+    def redis_back(self) -> None:
+        """Start Redis again and send what its shutdown took with it."""
+        self.redis.start()
+        lost, self._lost = self._lost, []
+        self.tally.signals_lost_in_broker += len(lost)
+        for planned in lost:
+            deadline = time.monotonic() + 30
+            while not self._send(planned, copies=1):
+                assert time.monotonic() < deadline, "Redis does not take a message again"
+                time.sleep(0.2)
+
+    def queued_signals(self) -> list[Planned]:
+        """The planned runs whose signal messages sit in the queue (every priority list)."""
+        import redis
+
+        by_key = {dedup_key(p): p for p in self.plan}
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_connect_timeout=2)
+        found: list[Planned] = []
+        try:
+            for key in client.scan_iter(match=f"{self.queue}*"):
+                if client.type(key) != b"list":
+                    continue
+                for raw in client.lrange(key, 0, -1):
+                    message = json.loads(raw)
+                    if message.get("headers", {}).get("task") != "durable_celery.signal":
+                        continue
+                    body = message["body"]
+                    if message.get("properties", {}).get("body_encoding") == "base64":
+                        body = base64.b64decode(body)
+                    _args, kwargs, _embed = json.loads(body)
+                    found.append(by_key[kwargs["dedup_key"]])
+        except redis.exceptions.ConnectionError:
+            pass  # already down: nothing more to look at
+        finally:
+            client.close()
+        return found
+
     def outage(self, kind: str, stop: Callable[[], None], start: Callable[[], None],
                seconds: float) -> None:
         began = now()
@@ -417,6 +471,10 @@ class Scenario:
 
     def _send(self, planned: Planned, copies: int | None = None) -> bool:
         """Publish the run's signal (twice if duplicating); False if the broker is away."""
+        with self._broker:
+            return self._send_locked(planned, copies)
+
+    def _send_locked(self, planned: Planned, copies: int | None) -> bool:
         copies = copies or (2 if self.duplicate_signals else 1)
         for _ in range(copies):
             self.tally.signal_messages += 1
@@ -627,6 +685,7 @@ class Scenario:
             "signal_resends": self.tally.signal_resends,
             "runs_signal_resent": sum(1 for p in self.plan if p.sends > 1),
             "signal_send_failures": self.tally.signal_send_failures,
+            "signals_lost_in_broker": self.tally.signals_lost_in_broker,
             "worker_exits": self.tally.worker_exits,
             "start_retries": self.tally.start_retries,
             **self.log_counts(),
@@ -790,7 +849,8 @@ def report_line(figures: dict[str, Any]) -> str:
             f"postgres_restarts={figures['postgres_restarts']} pauses={figures['pauses']} "
             f"re_executions={figures['re_executions']} reaped={figures['reaped']} "
             f"lease_lost={figures['lease_lost']} signal_resends={figures['signal_resends']} "
-            f"signals_sent={figures['signal_messages']}")
+            f"signals_sent={figures['signal_messages']} "
+            f"signals_lost_in_broker={figures['signals_lost_in_broker']}")
 
 
 def write_summary(figures: dict[str, Any]) -> Path:
