@@ -396,7 +396,7 @@ class Durable:
         """Our priorities run 0 (default) .. 9 (first), as on RabbitMQ; Redis (kombu) serves
         0 first, so the value is mirrored there."""
         if self._redis_broker is None:
-            from durable_celery.coordinator.bindings import is_redis
+            from durable_celery.coordinator.redis_broker import is_redis
 
             self._redis_broker = is_redis(self.app)
         return 9 - priority if self._redis_broker else priority

@@ -44,6 +44,9 @@ TASK_OPTIONS: dict[str, Any] = {
     "bind": True, "acks_late": True, "reject_on_worker_lost": True,
     "autoretry_for": (errors.StorageError,), "retry_backoff": True, "retry_backoff_max": 60,
     "max_retries": None,
+    # Marks the task for the coordinator (coordinator/redis_broker.py): a received message
+    # of it that no worker acknowledged within stale_after is delivered again.
+    "durable_by_name": True,
 }
 
 

@@ -21,7 +21,7 @@ from celery import signals as celery_signals
 from celery.worker import control
 
 from durable_celery import errors
-from durable_celery.coordinator import bindings
+from durable_celery.coordinator import redis_broker
 from durable_celery.runtime import limits
 
 if TYPE_CHECKING:
@@ -54,10 +54,11 @@ def install(durable: Durable) -> None:
                 durable._ensure_ready()
             if durable.settings.coordinator:
                 self.coordinator = durable.coordinator()
-                if bindings.is_redis(parent.app):
+                if redis_broker.is_redis(parent.app):
                     consumed = parent.app.amqp.queues.consume_from or parent.app.amqp.queues
-                    self.coordinator.bindings = bindings.Bindings(parent.app,
-                                                                  list(consumed.values()))
+                    self.coordinator.redis = redis_broker.RedisUpkeep(
+                        parent.app, list(consumed.values()),
+                        after=durable.settings.stale_after)
                 self.coordinator.start()
                 log.info("durable_celery coordinator started")
 

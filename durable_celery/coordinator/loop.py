@@ -8,8 +8,8 @@ import time
 from typing import TYPE_CHECKING
 
 from durable_celery import errors
-from durable_celery.coordinator.bindings import Bindings
 from durable_celery.coordinator.cron import CronSweep
+from durable_celery.coordinator.redis_broker import RedisUpkeep
 from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
 from durable_celery.storage.listener import Listener
 
@@ -35,7 +35,7 @@ class Coordinator:
         self.reaper = Reaper(durable)
         self.collector = Collector(durable)
         self.cron = CronSweep(durable)
-        self.bindings: Bindings | None = None  # a worker's queues on a Redis broker
+        self.redis: RedisUpkeep | None = None  # a Redis broker's queues and unacked messages
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
@@ -54,8 +54,8 @@ class Coordinator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self.bindings is not None:
-            self.bindings.close()
+        if self.redis is not None:
+            self.redis.close()
 
     def run_forever(self) -> None:
         listener = self._listener = Listener(self.durable._holder)
@@ -82,8 +82,8 @@ class Coordinator:
             if now >= self._next_reap:
                 self._next_reap = now + interval
                 self.reaper.run_once()
-                if self.bindings is not None:
-                    self.bindings.run_once()
+                if self.redis is not None:
+                    self.redis.run_once()
             if now >= self._next_gc:
                 self._next_gc = now + GC_INTERVAL
                 self.collector.run_once()

@@ -123,3 +123,60 @@ def test_a_redis_that_restarts_empty_routes_to_the_queue_again_at_once(make_e2e,
     assert e2e.durable.wait_result(target, timeout=40)["go"] == {"v": 6}
     assert "the Redis broker restarted: declared this worker's queues again" in \
         worker.log.read_text(errors="replace")
+
+
+def test_a_message_a_dead_worker_held_unacknowledged_is_delivered_again(make_e2e, redis_url,
+                                                                         database_url):
+    """On Redis a received message waits in kombu's ``unacked`` hash until it is
+    acknowledged, and kombu delivers it again only after the visibility timeout (one hour).
+    A worker whose database is away holds a by-name message on Celery's ordinary path
+    (retried with backoff, each retry held until its eta); SIGKILLed then, the message would
+    wait an hour. The coordinator of another worker delivers it again after stale_after."""
+    import json
+    import time
+
+    import redis as redis_lib
+
+    from tests.proxy import Proxy
+
+    e2e = make_e2e(redis_url)
+    proxy = Proxy.for_database(database_url, mode="refuse")
+    client = redis_lib.Redis.from_url(redis_url)
+    key = f"order:{e2e.queue}"
+
+    def held() -> list[dict]:
+        messages = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+        return [m for m in messages if m["headers"].get("task") == "durable_celery.start"
+                and m["properties"]["delivery_info"]["routing_key"] == e2e.queue]
+
+    try:
+        w1 = e2e.worker("prefork", 1, label="W1",
+                        env={"E2E_DATABASE_URL": proxy.url_for(database_url)})
+        with Celery("plain", broker=redis_url, set_as_current=False) as plain:
+            plain.send_task("durable_celery.start", queue=e2e.queue, kwargs={
+                "workflow": "pipeline", "state": {"x": 7}, "key": key})
+        # W1 cannot apply it: it retries, and holds each retry until its eta.
+        wait_for(lambda: any(m["headers"].get("retries") for m in held()), timeout=30,
+                 what="W1 to hold a retry of the start")
+        w1.kill()
+        messages = held()
+        assert messages, "the retry W1 held is in the unacked hash"
+        eta = messages[0]["headers"].get("eta")
+        assert e2e.db.scalar("SELECT count(*) FROM durable_celery.runs WHERE key = %s",
+                             key) == 0
+    finally:
+        proxy.close()
+
+    killed = time.monotonic()
+    w2 = e2e.worker("prefork", 1, label="W2")
+    wait_for(lambda: e2e.db.scalar(
+        "SELECT count(*) FROM durable_celery.runs WHERE key = %s", key), timeout=40,
+        what=f"the start W1 held (eta {eta}) to be delivered again and applied")
+    # stale_after is 3 s here; the retry's eta is at most a few seconds away.
+    assert time.monotonic() - killed < 30
+    [started] = [r[0] for r in e2e.db.rows(
+        "SELECT id FROM durable_celery.runs WHERE key = %s", key)]
+    assert e2e.durable.wait_result(started, timeout=40)["x"] == 7
+    assert not held()
+    assert "delivered again 1 message(s) sent by name" in w2.log.read_text(errors="replace")
+    client.close()
