@@ -1,58 +1,43 @@
-"""Durable: binds a Celery app to a Postgres database; declares workflows; starts runs."""
+"""Durable: binds a Celery app to a Postgres database; builds the parts and wires them.
+
+The one façade users see. Every part below it (runs, signals, controls, schedules, the
+executor, the coordinator, the Celery integration) is handed the small collaborators it
+uses, and none imports this module: see docs/architecture.md.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import re
-import threading
-import time
-import uuid
-from dataclasses import replace
-from datetime import datetime, timedelta
-from datetime import timezone as tz
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 
-from durable_celery import errors, forksafe, payloads
+from durable_celery import errors, integration, tasks
 from durable_celery import settings as settings_mod
-from durable_celery import signals as signals_mod
-from durable_celery.definitions import Workflow, check_name, check_run_ahead, check_seconds
-from durable_celery.runtime import executor, limits
+from durable_celery.checks import check_identifier, check_name, check_run_ahead, check_version
+from durable_celery.controls import Controls
+from durable_celery.coordinator import bootstep
+from durable_celery.coordinator.cron import Schedules
+from durable_celery.coordinator.loop import Coordinator
+from durable_celery.definitions import Registry, Step, Workflow
+from durable_celery.runs import Runs
+from durable_celery.runtime.executor import Executor
+from durable_celery.runtime.hooks import Counters, Hooks
+from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
-from durable_celery.runtime.worker import WorkerIdentity
+from durable_celery.runtime.worker import ProcessIdentity
+from durable_celery.signals import Signals
 from durable_celery.storage import migrate as migrate_mod
-from durable_celery.storage import outbox
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.listener import Endings
-from durable_celery.storage.records import (
-    STATUSES,
-    TERMINAL,
-    Dispatch,
-    Run,
-    SignalResult,
-    StepRecord,
-)
+from durable_celery.storage.records import Run, SignalResult, StepRecord
 from durable_celery.storage.schedules import Schedule, ScheduleStore
 from durable_celery.storage.store import Store
 
+__all__ = ["Durable", "check_identifier"]
+
 log = logging.getLogger("durable_celery")
-
-MAX_ID = 200
-MAX_VERSION = 2**31 - 1
-_inline = threading.local()  # testing.drain runs steps without publishing
-
-
-def check_identifier(value: Any, what: str) -> str:
-    """workflow ids, keys, dedup keys: 1-200 characters, not blank, no NUL."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID \
-            or not payloads.storable(value):
-        raise errors.InvalidArgument(
-            f"{what} must be a non-blank string of at most {MAX_ID} characters without NUL or "
-            f"lone surrogates; got {value!r}"[:400]
-        )
-    return value
 
 
 class Durable:
@@ -70,13 +55,13 @@ class Durable:
         if not isinstance(app, Celery):
             raise errors.ConfigurationError(f"Durable needs a Celery app, got {app!r}")
         self.app = app
-        self.settings = settings_mod.build(
+        self.settings = settings = settings_mod.build(
             {"database_url": database_url, "heartbeat_interval": heartbeat_interval,
              "stale_after": stale_after, "sweep_interval": sweep_interval,
              "redispatch_after": redispatch_after, "retention": retention, **more},
             celery_conf=app.conf,
         )
-        if not self.settings.database_url:
+        if not settings.database_url:
             raise errors.ConfigurationError(
                 "no database URL: pass Durable(app, database_url=...), set the Celery setting "
                 "durable_database_url, or the environment variable DURABLE_CELERY_DATABASE_URL"
@@ -87,23 +72,40 @@ class Durable:
                 "this Celery app accepts pickle messages (accept_content); durable_celery "
                 "only works with apps that never unpickle: set accept_content=['json']"
             )
-        self._holder = EngineHolder(self.settings.database_url, pool_size=self.settings.pool_size,
-                                    liveness=self.settings.stale_after)
-        self.store = Store(self._holder, redispatch_after=self.settings.redispatch_after,
-                           redispatch_max_backoff=self.settings.redispatch_max_backoff)
-        self.schedules = ScheduleStore(self._holder, self.store)
-        self._endings = Endings(self._holder)
-        self._workflows: dict[tuple[str, int], Workflow] = {}
-        self._latest: dict[str, Workflow] = {}
-        self._tasks: set[str] = set()
-        self._readiness = Readiness(self._prepare)
-        self._ident_lock = forksafe.Lock()
-        self._ident: WorkerIdentity | None = None
-        self._coordinator: Any = None
-        self._redis_broker: bool | None = None
-        self._controls: Any = None
+        # --- the parts, bottom up; each is handed what it uses
+        holder = self._holder = EngineHolder(settings.database_url, pool_size=settings.pool_size,
+                                             liveness=settings.stale_after)
+        self.store = Store(holder, redispatch_after=settings.redispatch_after,
+                           redispatch_max_backoff=settings.redispatch_max_backoff)
+        self.schedules = ScheduleStore(holder, self.store)
+        self._endings = Endings(holder)
+        self.registry = Registry(lambda: str(app.conf.task_default_queue or "celery"))
+        self._readiness = readiness = Readiness(self._prepare)
+        self.publisher = Publisher(app, self.store, settings)
+        self._identity = ProcessIdentity(self.store, interval=settings.heartbeat_interval)
+        self._counters = Counters()
+        self.hooks = Hooks(self._counters)
+        self.executor = Executor(store=self.store, registry=self.registry,
+                                 publisher=self.publisher, identity=self._identity,
+                                 readiness=readiness, settings=settings, hooks=self.hooks)
+        self._runs = Runs(store=self.store, registry=self.registry, publisher=self.publisher,
+                          readiness=readiness, settings=settings, endings=self._endings,
+                          url=holder.url)
+        self._signals = Signals(store=self.store, publisher=self.publisher,
+                                readiness=readiness, settings=settings, url=holder.url)
+        self.controls = Controls(holder=holder, registry=self.registry,
+                                 publisher=self.publisher, readiness=readiness,
+                                 redispatch_after=settings.redispatch_after)
+        self._schedules = Schedules(store=self.schedules, registry=self.registry,
+                                    readiness=readiness, settings=settings)
+        self._owner = _Owner(self)
         app._durable_celery = self  # found by the CLI
-        self._install()
+        integration.register_by_name(app, registry=self.registry, signals=self._signals,
+                                     controls=self.controls, readiness=readiness)
+        bootstep.install(bootstep.Installed(
+            app=app, settings=settings, readiness=readiness,
+            check_definitions=self.registry.check, coordinator=self.coordinator,
+            release=self._identity.release))
 
     # ------------------------------------------------------------------ declaring
 
@@ -111,39 +113,23 @@ class Durable:
                  run_ahead: bool | None = None) -> Workflow:
         """Declare a workflow; add steps with ``@wf.step``."""
         check_name(name, "workflow name")
-        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-            raise errors.InvalidArgument(f"version must be an int in 1..{MAX_VERSION}, got {version!r}")
+        check_version(version)
         check_run_ahead(run_ahead)
         if queue is not None:
             check_name(queue, "queue")
-        if (name, version) in self._workflows:
-            raise errors.InvalidArgument(f"workflow {name!r} v{version} is already declared")
-        wf = Workflow(durable=self, name=name, version=version, queue=queue, run_ahead=run_ahead)
-        self._workflows[(name, version)] = wf
-        latest = self._latest.get(name)
-        if latest is None or latest.version < version:
-            self._latest[name] = wf
+        wf = Workflow(owner=self._owner, name=name, version=version, queue=queue,
+                      run_ahead=run_ahead)
+        self.registry.add(wf)
         return wf
 
     def check_definitions(self) -> None:
         """Raise ``InvalidArgument`` if a declared workflow is incomplete (a step's
         ``compensate=`` naming no compensation). Workers check at start."""
-        for wf in self._workflows.values():
-            wf.check()
+        self.registry.check()
 
     def get_definition(self, name: str, version: int | None = None) -> Workflow:
         """The registered workflow ``name`` (its highest version unless ``version``)."""
-        if not isinstance(name, str):
-            raise errors.UnknownWorkflow(f"a workflow name is a string, got {name!r}"[:300])
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise errors.InvalidArgument(f"version must be an int, got {version!r}"[:300])
-        wf = self._latest.get(name) if version is None else self._workflows.get((name, version))
-        if wf is None:
-            known = sorted({n for n, _ in self._workflows})
-            raise errors.UnknownWorkflow(
-                f"no workflow {name!r}{'' if version is None else f' v{version}'} is registered;"
-                f" known: {known}", workflow=str(name))
-        return wf
+        return self.registry.get(name, version)
 
     def task(self, fn: Any = None, **options: Any) -> Any:
         """Drop-in for ``@app.task``: a one-step durable workflow per function.
@@ -153,9 +139,12 @@ class Durable:
         ``queue``, ``retry={...}`` and Celery's ``bind``, ``max_retries``,
         ``default_retry_delay``, ``autoretry_for``, ``retry_backoff``... (see docs/drop-in.md).
         """
-        from durable_celery import tasks
+        return tasks.decorate(self, fn, options, readiness=self._readiness)
 
-        return tasks.decorate(self, fn, options)
+    def add_hook(self, hook: Any) -> None:
+        """Run ``hook`` around every step and on every transition in this process (see
+        :mod:`durable_celery.runtime.hooks`)."""
+        self.hooks.add(hook)
 
     # ------------------------------------------------------------------ cron
 
@@ -169,72 +158,27 @@ class Durable:
         coordinators run; ``catchup`` ("latest", "all" or "none") says what happens to
         occurrences missed while no coordinator ran.
         """
-        from durable_celery.coordinator import cron as cron_mod
-
-        return cron_mod.schedule(self, name, wf, cron=cron, timezone=timezone, state=state,
-                                 catchup=catchup, priority=priority)
+        return self._schedules.declare(name, wf, cron=cron, timezone=timezone, state=state,
+                                       catchup=catchup, priority=priority)
 
     def list_schedules(self) -> list[Schedule]:
-        self._ensure_ready()
-        return self.schedules.all()
+        return self._schedules.all()
 
     def pause_schedule(self, name: str) -> Schedule:
         """Stop firing (until ``resume_schedule``); raises ``ScheduleNotFound``."""
-        check_name(name, "schedule name")
-        self._ensure_ready()
-        return self.schedules.pause(name)
+        return self._schedules.pause(name)
 
     def resume_schedule(self, name: str) -> Schedule:
         """Fire again from the next occurrence; those missed while paused are skipped."""
-        from durable_celery.coordinator import cron as cron_mod
-
-        return cron_mod.resume(self, name)
+        return self._schedules.resume(name)
 
     def delete_schedule(self, name: str) -> None:
         """Remove a schedule (runs it started are untouched); raises ``ScheduleNotFound``."""
-        check_name(name, "schedule name")
-        self._ensure_ready()
-        self.schedules.delete(name)
+        self._schedules.delete(name)
 
     @property
     def default_queue(self) -> str:
-        return str(self.app.conf.task_default_queue or "celery")
-
-    def _register_step(self, wf: Workflow, step: Any) -> None:
-        name = wf.task_name(step)
-        if name in self._tasks:
-            return
-        self._tasks.add(name)
-        durable = self
-
-        def run_step(task: Any, workflow_id: Any, seq: Any) -> None:
-            try:
-                # A timer published ahead of its due time comes with an eta (timer_lead).
-                # Under a Celery time limit, every step is its own task (no run-ahead).
-                executor.execute(durable, workflow_id, seq, early=task.request.eta is not None,
-                                 run_ahead=not limits.applies(task))
-            except (errors.StorageError, errors.ConfigurationError) as exc:
-                if isinstance(exc, errors.StorageError) and not exc.transient:
-                    raise
-                # The database is away or not migrated: readiness logged it (one line, no
-                # traceback); this message, a hint, waits in the broker for the backoff.
-                wait = exc.retry_in if isinstance(exc, errors.NotReady) \
-                    else durable._readiness.failed(exc)
-                raise task.retry(countdown=max(wait, 0.5), max_retries=None) from None
-
-        run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
-        # shared=False: the task belongs to this app only. No queue= option (deprecated in
-        # Celery 5.7): every publish names its queue explicitly.
-        self.app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
-                      typing=False, shared=False, bind=True)(run_step)
-
-    def _install(self) -> None:
-        from durable_celery import controls
-        from durable_celery.coordinator import bootstep
-
-        bootstep.install(self)
-        signals_mod.register_tasks(self)
-        controls.register_tasks(self)
+        return self.registry.default_queue
 
     # ------------------------------------------------------------------ schema
 
@@ -251,9 +195,10 @@ class Durable:
         else:
             migrate_mod.check(self._holder)
 
-    def _ensure_ready(self, *, wait: bool = True) -> None:
-        # No lock around the migration (a forked child must never inherit a held lock):
-        # concurrent migrations serialize on the database's advisory lock.
+    def ensure_ready(self, *, wait: bool = True) -> None:
+        """Migrate (or check) the schema once per process; raises ``StorageError`` /
+        ``ConfigurationError`` if the database cannot be used (``NotReady`` while a
+        backoff runs, with ``wait=False``)."""
         self._readiness.ensure(wait=wait)
 
     def readiness(self) -> dict[str, Any]:
@@ -262,144 +207,6 @@ class Durable:
         return self._readiness.state()
 
     # ------------------------------------------------------------------ runs
-
-    def _start(self, wf: Workflow, state: Any, *, workflow_id: str | None, key: str | None,
-               delay: float | None, at: datetime | None, queue: str | None,
-               priority: int | None = None, concurrency_key: str | None = None,
-               connection: Any = None, what: str = "state",
-               key_reuse: str | None = None) -> str:
-        if self._workflows.get((wf.name, wf.version)) is not wf:
-            raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
-        first = wf.first
-        state = {} if state is None else state
-        text = payloads.check_object(state, what=what, max_bytes=self.settings.max_payload_bytes)
-        if workflow_id is not None:
-            check_identifier(workflow_id, "workflow_id")
-        if key is not None:
-            check_identifier(key, "key")
-        if concurrency_key is not None:
-            check_identifier(concurrency_key, "concurrency_key")
-        policy = check_key_reuse(key_reuse, self.settings.key_reuse)
-        prio = check_priority(priority)
-        if queue is not None:
-            check_name(queue, "queue")
-        if delay is not None and at is not None:
-            raise errors.InvalidArgument("pass delay= or at=, not both")
-        if delay is not None:
-            check_seconds(delay, "delay")
-        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
-            raise errors.InvalidArgument("at must be a timezone-aware datetime")
-        bound = None if connection is None else outbox.Bound(connection, self._holder.url)
-        self._ensure_ready()
-        options: dict[str, Any] = {
-            "workflow": wf.name, "version": wf.version, "step": first.name,
-            "queue": wf.queue_for(first, queue), "run_queue": queue, "state": text, "key": key,
-            "delay": float(delay or 0.0), "at": at, "priority": prio,
-            "concurrency_key": concurrency_key, "key_reuse": policy}
-        dispatch = Dispatch(workflow_id="", workflow=wf.name, step=first.name, seq=0,
-                            queue=wf.queue_for(first, queue), priority=prio)
-        if bound is None:
-            run_id, publish = self.store.start(workflow_id=workflow_id, **options)
-            if publish:
-                self._publish(replace(dispatch, workflow_id=run_id))
-            return run_id
-        # In the caller's transaction: published after its commit (or by the coordinator).
-        run_id = workflow_id or str(uuid.uuid4())
-        with bound.execute() as conn:
-            found = self.store.start_on(conn, run_id, parent_id=None, forked_from=None,
-                                        app_version=None, redispatch=outbox.OUTBOX_DELAY,
-                                        **options)
-        if found is None:
-            raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
-        if found:
-            bound.after_commit(lambda: self._publish(replace(dispatch, workflow_id=run_id)),
-                               visible=lambda: self.store.exists(run_id))
-        return run_id
-
-    def _start_many(self, wf: Workflow, states: Any, *, keys: Any, workflow_ids: Any,
-                    delay: float | None, at: datetime | None, queue: str | None,
-                    on_conflict: str, key_reuse: str | None = None) -> list[str]:
-        if self._workflows.get((wf.name, wf.version)) is not wf:
-            raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
-        first = wf.first
-        if on_conflict not in ("raise", "existing"):
-            raise errors.InvalidArgument(
-                f"on_conflict must be 'raise' or 'existing', got {on_conflict!r}"[:300])
-        items = _batch(states, "states")
-        if len(items) > MAX_BATCH:
-            raise errors.InvalidArgument(f"at most {MAX_BATCH} runs per start_many call, "
-                                         f"got {len(items)}")
-        texts = [payloads.check_object({} if st is None else st, what=f"state #{i}",
-                                       max_bytes=self.settings.max_payload_bytes)
-                 for i, st in enumerate(items)]
-        key_list = _batch_identifiers(keys, "keys", len(items))
-        policy = check_key_reuse(key_reuse, self.settings.key_reuse)
-        id_list = _batch_identifiers(workflow_ids, "workflow_ids", len(items))
-        if queue is not None:
-            check_name(queue, "queue")
-        if delay is not None and at is not None:
-            raise errors.InvalidArgument("pass delay= or at=, not both")
-        if delay is not None:
-            check_seconds(delay, "delay")
-        if at is not None and (not isinstance(at, datetime) or at.tzinfo is None):
-            raise errors.InvalidArgument("at must be a timezone-aware datetime")
-        if not items:
-            return []
-        self._ensure_ready()
-        target_queue = wf.queue_for(first, queue)
-        run_ids, new, publish = self.store.start_many(
-            workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
-            run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
-            delay=float(delay or 0.0), at=at, existing=on_conflict == "existing",
-            key_reuse=policy)
-        if publish:
-            self._publish_many([Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name,
-                                         seq=0, queue=target_queue, priority=0)
-                                for run_id in new])
-        return run_ids
-
-    def _publish(self, dispatch: Dispatch) -> bool:
-        """Send the hint "run this step at this seq"; on failure the sweep re-sends it."""
-        return self._publish_many([dispatch]) == 1
-
-    def _publish_many(self, dispatches: list[Dispatch]) -> int:
-        """Publish in order; at the first broker failure stop, and let the dispatcher
-        re-send the rest a little later. Returns how many were published."""
-        if getattr(_inline, "active", False):
-            return len(dispatches)
-        for index, dispatch in enumerate(dispatches):
-            args = [dispatch.workflow_id, dispatch.seq]
-            try:
-                # argsrepr/kwargsrepr given: Celery's saferepr of them is a tenth of a publish.
-                self.app.send_task(
-                    f"durable.{dispatch.workflow}.{dispatch.step}",
-                    args=args, argsrepr=repr(args), kwargsrepr="{}", queue=dispatch.queue,
-                    serializer="json", ignore_result=True,
-                    priority=self._broker_priority(dispatch.priority),
-                    eta=None if dispatch.eta is None else datetime.fromtimestamp(
-                        dispatch.eta, tz.utc),
-                )
-            except Exception:
-                rest = dispatches[index:]
-                log.warning("publishing failed (broker unreachable?); %d run(s) will be "
-                            "re-sent by the coordinator", len(rest), exc_info=True)
-                try:
-                    self.store.mark_unpublished([d.workflow_id for d in rest],
-                                                after=min(self.settings.redispatch_after, 5.0))
-                except errors.StorageError:
-                    log.warning("could not mark %d run(s) unpublished; they are re-sent after "
-                                "redispatch_after", len(rest))
-                return index
-        return len(dispatches)
-
-    def _broker_priority(self, priority: int) -> int:
-        """Our priorities run 0 (default) .. 9 (first), as on RabbitMQ; Redis (kombu) serves
-        0 first, so the value is mirrored there."""
-        if self._redis_broker is None:
-            from durable_celery.coordinator.redis_broker import is_redis
-
-            self._redis_broker = is_redis(self.app)
-        return 9 - priority if self._redis_broker else priority
 
     def signal(self, target: str, name: str, payload: Any = None, *,
                dedup_key: str | None = None, connection: Any = None) -> SignalResult:
@@ -410,40 +217,21 @@ class Durable:
         ``NoTarget`` when no live run has this id or key. With ``connection=`` (a SQLAlchemy
         Connection or Session of your transaction) it commits or rolls back with your data.
         """
-        return signals_mod.send(self, target, name, payload, dedup_key=dedup_key,
-                                connection=connection)
-
-    # ------------------------------------------------------------------ queries
+        return self._signals.send(target, name, payload, dedup_key=dedup_key,
+                                  connection=connection)
 
     def get_workflow(self, workflow_id: str) -> Run:
         """A snapshot of the run; raises ``WorkflowNotFound``."""
-        check_identifier(workflow_id, "workflow_id")
-        self._ensure_ready()
-        run = self.store.get(workflow_id)
-        if run is None:
-            raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
-        return run
+        return self._runs.get(workflow_id)
 
     def list_workflows(self, name: str | None = None, status: str | None = None,
                        limit: int = 100) -> list[Run]:
         """Runs, newest first, optionally of one workflow and/or one status."""
-        if name is not None:
-            check_name(name, "workflow name")
-        if status is not None and status not in STATUSES:
-            raise errors.InvalidArgument(f"unknown status {status!r}; one of {sorted(STATUSES)}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
-            raise errors.InvalidArgument(f"limit must be an int in 1..10000, got {limit!r}")
-        self._ensure_ready()
-        return self.store.list_runs(workflow=name, status=status, limit=limit)
+        return self._runs.list_runs(name, status, limit)
 
     def workflow_steps(self, workflow_id: str) -> list[StepRecord]:
         """The committed history of a run, in order (``seq`` 1, 2, ...)."""
-        check_identifier(workflow_id, "workflow_id")
-        self._ensure_ready()
-        steps = self.store.history(workflow_id)
-        if not steps and self.store.get(workflow_id) is None:
-            raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
-        return steps
+        return self._runs.history(workflow_id)
 
     def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any:
         """Block until the run is terminal: its result if ``done``; raises ``WorkflowFailed``
@@ -455,51 +243,9 @@ class Durable:
         wakes the wait at once (LISTEN/NOTIFY: one connection per waiting process); a run
         not there yet is looked for every 5 to 250 ms.
         """
-        check_identifier(workflow_id, "workflow_id")
-        if timeout is not None:
-            check_seconds(timeout, "timeout")
-        self._ensure_ready()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        found = self.store.status(workflow_id)
-        pause = 0.005
-        while True:
-            if found is not None and found[0] in TERMINAL:
-                return _outcome(workflow_id, *found)
-            with self._endings.watch(workflow_id) as ended:
-                # Registered before this read: an end committed after it is not missed.
-                found = self.store.status(workflow_id)
-                if found is not None and found[0] in TERMINAL:
-                    continue
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    if found is None:
-                        raise errors.WorkflowNotFound(
-                            f"no run {workflow_id!r}" + (
-                                f" (none appeared within {timeout}s)" if timeout else ""),
-                            workflow_id=workflow_id)
-                    raise errors.WaitTimeout(
-                        f"run {workflow_id} is still {found[0]} after {timeout}s",
-                        workflow_id=workflow_id, status=found[0])
-                if found is None or ended is None:
-                    # Not started yet, or no listener: look again soon.
-                    time.sleep(pause if left is None else min(pause, left))
-                    pause = min(pause * 1.5, 0.25)
-                else:
-                    # Woken by the run's end (or a listener reconnect); a notification
-                    # lost anyway costs at most SAFETY_POLL.
-                    ended.wait(SAFETY_POLL if left is None else min(left, SAFETY_POLL))
-            found = self.store.status(workflow_id)
+        return self._runs.wait_result(workflow_id, timeout)
 
     # ------------------------------------------------------------------ controls
-
-    @property
-    def controls(self) -> Any:
-        """The :class:`~durable_celery.controls.Controls` of this Durable."""
-        if self._controls is None:
-            from durable_celery.controls import Controls
-
-            self._controls = Controls(self)
-        return self._controls
 
     def cancel_workflow(self, workflow_id: str, request_key: str, *, reason: str | None = None,
                         ttl_days: float = 7, cleanup_interval_seconds: float = 300,
@@ -510,7 +256,7 @@ class Durable:
         a success with ``"changed": False``. Returns ``{"ok", "changed", "idempotency_key",
         "idempotency_replayed"}``; raises ``ControlError`` subclasses (``.status``, ``.body``).
         """
-        return self.controls.cancel(  # type: ignore[no-any-return]
+        return self.controls.cancel(
             workflow_id, request_key, reason=reason, ttl_days=ttl_days,
             cleanup_interval_seconds=cleanup_interval_seconds)
 
@@ -518,7 +264,7 @@ class Durable:
                         cleanup_interval_seconds: float = 300) -> dict[str, Any]:
         """Make a ``cancelled`` or ``failed`` run runnable again at the step where it stopped
         (attempt 0, deadline cleared); any other status is a success with ``changed: False``."""
-        return self.controls.resume(  # type: ignore[no-any-return]
+        return self.controls.resume(
             workflow_id, request_key, ttl_days=ttl_days,
             cleanup_interval_seconds=cleanup_interval_seconds)
 
@@ -529,125 +275,70 @@ class Durable:
         """Start a new run from completed-step number ``start_step`` of ``workflow_id``
         (history before it copied; ``None``/``<= 1``/not an integer: from the input).
         The response adds ``"workflow_id"``: the new run's id."""
-        return self.controls.fork(  # type: ignore[no-any-return]
+        return self.controls.fork(
             workflow_id, request_key, start_step=start_step, new_workflow_id=new_workflow_id,
             application_version=application_version, ttl_days=ttl_days,
             cleanup_interval_seconds=cleanup_interval_seconds)
 
     def health(self) -> dict[str, str]:
         """``{"status": "ok"}`` after a ``SELECT 1``; raises ``StorageError`` otherwise."""
-        return self.controls.health()  # type: ignore[no-any-return]
+        return self.controls.health()
 
     def bootstrap(self, *, check_idempotency_table: bool = True,
                   required_tables: list[str] | None = None, strict: bool = False,
                   ) -> dict[str, Any]:
         """Preflight: database connection, schema version, required tables, idempotency
         table, in that order. ``strict=True`` raises ``BootstrapError`` on the first failure."""
-        return self.controls.bootstrap(  # type: ignore[no-any-return]
+        return self.controls.bootstrap(
             check_idempotency_table=check_idempotency_table, required_tables=required_tables,
             strict=strict)
 
     def stats(self) -> dict[str, int]:
         """Per-process counters: steps committed, stale messages dropped, leases lost..."""
-        return dict(executor.counters)
+        return dict(self._counters.counts)
 
     # ------------------------------------------------------------------ processes
 
-    def _identity(self) -> WorkerIdentity:
-        ident = self._ident
-        if ident is not None and ident.pid == os.getpid():
-            return ident
-        with self._ident_lock:  # threads pool: one identity per process
-            ident = self._ident
-            if ident is None or ident.pid != os.getpid():
-                ident = self._ident = WorkerIdentity(
-                    self.store, interval=self.settings.heartbeat_interval,
-                    nodename=os.environ.get("DURABLE_CELERY_NODENAME"))
-            return ident
-
-    def _release_identity(self) -> int:
-        ident = self._ident
-        if ident is None or ident.pid != os.getpid():
-            return 0
-        self._ident = None
-        return ident.close()
-
-    def coordinator(self) -> Any:
-        """A :class:`~durable_celery.coordinator.loop.Coordinator` bound to this Durable."""
-        from durable_celery.coordinator.loop import Coordinator
-
-        return Coordinator(self)
+    def coordinator(self) -> Coordinator:
+        """A :class:`~durable_celery.coordinator.loop.Coordinator` over this Durable's parts."""
+        return Coordinator(holder=self._holder, store=self.store, schedules=self.schedules,
+                           registry=self.registry, publisher=self.publisher,
+                           readiness=self._readiness, settings=self.settings,
+                           cleanup=self.controls.cleanup)
 
     def close(self) -> None:
         """Release this process's worker row and database connections."""
-        self._release_identity()
+        self._identity.release()
         self._endings.close()
         self._holder.dispose()
 
 
-def check_key_reuse(value: Any, default: str) -> str:
-    """A start's key reuse policy: ``value``, else ``default`` (the ``key_reuse`` setting)."""
-    if value is None:
-        return default
-    if value not in settings_mod.KEY_REUSE:
-        raise errors.InvalidArgument(
-            f"key_reuse must be one of {list(settings_mod.KEY_REUSE)}, got {value!r}"[:300])
-    return str(value)
+class _Owner:
+    """What the workflows of one Durable use from it (``definitions.WorkflowOwner``): the
+    registry, step registration with Celery, starts and schedules. Holds parts, not the
+    Durable."""
 
+    def __init__(self, durable: Durable) -> None:
+        self.registry = durable.registry
+        self._app = durable.app
+        self._executor = durable.executor
+        self._readiness = durable._readiness
+        self._runs = durable._runs
+        self._schedules = durable._schedules
+        self._tasks: set[str] = set()
 
-def check_priority(priority: Any) -> int:
-    """None (0) or an int in 0..9; 9 runs first."""
-    if priority is None:
-        return 0
-    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-        raise errors.InvalidArgument(f"priority must be an int in 0..9 (9 runs first), "
-                                     f"got {priority!r}"[:300])
-    return priority
-MAX_BATCH = 100_000
+    def register_step(self, wf: Workflow, step: Step) -> None:
+        name = wf.task_name(step)
+        if name not in self._tasks:
+            self._tasks.add(name)
+            integration.register_step(self._app, wf, step, executor=self._executor,
+                                      readiness=self._readiness)
 
+    def start_run(self, wf: Workflow, state: Any, **options: Any) -> str:
+        return self._runs.start(wf, state, **options)
 
-def _batch(values: Any, what: str) -> list[Any]:
-    """A list from an iterable argument; a string, bytes or mapping is refused."""
-    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
-        raise errors.InvalidArgument(f"{what} must be a list (or another iterable) of items, "
-                                     f"got {type(values).__name__}")
-    return list(values)
+    def start_runs(self, wf: Workflow, states: Any, **options: Any) -> list[str]:
+        return self._runs.start_many(wf, states, **options)
 
-
-def _batch_identifiers(values: Any, what: str, count: int) -> list[str | None]:
-    """One identifier (or None) per run, unique within the batch."""
-    if values is None:
-        return [None] * count
-    found = _batch(values, what)
-    if len(found) != count:
-        raise errors.InvalidArgument(f"{what} has {len(found)} items for {count} states")
-    seen: set[str] = set()
-    for value in found:
-        if value is None:
-            continue
-        check_identifier(value, what[:-1])
-        if value in seen:
-            raise errors.InvalidArgument(f"{what[:-1]} {value!r} appears twice in the batch"[:300])
-        seen.add(value)
-    return found
-
-
-SAFETY_POLL = 5.0  # seconds: a waiter reads the status at least this often
-
-
-def _outcome(workflow_id: str, status: str, result: Any, error: Any) -> Any:
-    """A terminal run's result, or its failure raised."""
-    if status == "done":
-        return result
-    if status == "cancelled":
-        raise errors.WorkflowCancelled(f"run {workflow_id} was cancelled",
-                                       workflow_id=workflow_id, error=error)
-    what = "failed" if status == "failed" else f"failed ({status})"
-    raise errors.WorkflowFailed(f"run {workflow_id} {what}: {_describe(error)}",
-                                workflow_id=workflow_id, error=error, run_status=status)
-
-
-def _describe(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("type") or error)
-    return str(error)
+    def schedule(self, name: str, wf: Workflow, **options: Any) -> Any:
+        return self._schedules.declare(name, wf, **options)

@@ -109,7 +109,7 @@ def coordinator(app_path: str | None, database_url: str | None, broker_url: str 
                 once: bool) -> None:
     """Run the coordinator sweeps alone (they also run inside every celery worker)."""
     durable = load_durable(app_path, database_url, broker_url)
-    durable._ensure_ready()
+    durable.ensure_ready()
     coord = durable.coordinator()
     if once:
         click.echo(_json({"work_done": coord.run_once()}))

@@ -16,19 +16,21 @@ import re
 import threading
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from durable_celery import errors, payloads
-from durable_celery.definitions import MAX_SECONDS
+from durable_celery.checks import MAX_SECONDS, MAX_VERSION, check_identifier, check_request_key
+from durable_celery.definitions import Registry
+from durable_celery.runtime.publisher import Publisher
+from durable_celery.runtime.readiness import Readiness
 from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage.controls import ControlStore, ForkSource, Outcome
+from durable_celery.storage.engine import EngineHolder
 
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+__all__ = ["Controls", "check_request_key", "check_workflow_id", "parse_start_step"]
 
 log = logging.getLogger("durable_celery.controls")
 
-MAX_REQUEST_KEY = 200
 MAX_REASON = 2000
 MAX_TTL_DAYS = 3650
 # Tables the code needs; bootstrap checks them unless told otherwise.
@@ -37,28 +39,11 @@ IDEMPOTENCY_TABLE = "control_requests"
 
 _INTEGER = re.compile(r"^\s*[+-]?\d{1,9}\s*$")
 _DIGITS = re.compile(r"^\s*([+-]?)(\d+)\s*$")
-MAX_VERSION = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------- validation
 
-def check_request_key(value: Any) -> str:
-    """A string of 1-200 characters after trimming; the trimmed form is the key."""
-    if not isinstance(value, str):
-        raise errors.InvalidRequest(
-            f"request_key must be a string, got {type(value).__name__}", field="request_key")
-    key = value.strip()
-    if not 1 <= len(key) <= MAX_REQUEST_KEY or not payloads.storable(key):
-        raise errors.InvalidRequest(
-            f"request_key must be 1-{MAX_REQUEST_KEY} characters after trimming, without NUL "
-            f"or lone surrogates; got {len(key)} characters", field="request_key")
-    return key
-
-
-
 def check_workflow_id(value: Any, field: str = "workflow_id") -> str:
-    from durable_celery.app import check_identifier
-
     try:
         return check_identifier(value, field)
     except errors.InvalidArgument as exc:
@@ -107,12 +92,15 @@ def _version(value: Any) -> int | None:
 # ---------------------------------------------------------------------------- controls
 
 class Controls:
-    """The control plane of one Durable."""
+    """The control plane of one Durable: handed the database, the workflow registry (to
+    check a fork's version and step), the publisher and readiness."""
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
-        self.store = ControlStore(durable._holder,
-                                  redispatch_after=durable.settings.redispatch_after)
+    def __init__(self, *, holder: EngineHolder, registry: Registry, publisher: Publisher,
+                 readiness: Readiness, redispatch_after: float) -> None:
+        self.registry = registry
+        self.publisher = publisher
+        self.readiness = readiness
+        self.store = ControlStore(holder, redispatch_after=redispatch_after)
         self._cleanup_lock = threading.Lock()
         self._last_cleanup: tuple[int, float] | None = None  # (pid, monotonic time)
 
@@ -194,14 +182,14 @@ class Controls:
 
     def _definition(self, source: ForkSource, version: int) -> Any:
         """The registered workflow the fork runs, when this process knows the workflow."""
-        known = [v for (n, v) in self.durable._workflows if n == source.workflow]
+        known = self.registry.versions(source.workflow)
         if not known:
             return None  # e.g. the CLI without -A: trust the stored names
         if version not in known:
             raise errors.InvalidRequest(
                 f"workflow {source.workflow!r} has no registered version {version}; "
                 f"registered: {sorted(known)}", field="application_version")
-        return self.durable.get_definition(source.workflow, version)
+        return self.registry.get(source.workflow, version)
 
     @staticmethod
     def _first_step(source: ForkSource, wf: Any) -> str:
@@ -219,7 +207,7 @@ class Controls:
         wid = check_workflow_id(workflow_id)
         ttl = _number(ttl_days, "ttl_days", low=1e-6, high=MAX_TTL_DAYS) * 86400.0
         interval = _number(cleanup_interval, "cleanup_interval_seconds", low=0, high=MAX_SECONDS)
-        self.durable._ensure_ready()
+        self.readiness.ensure()
         self._maybe_cleanup(interval)
         return key, wid, ttl
 
@@ -233,7 +221,7 @@ class Controls:
         outcome, replayed = self.store.request(key=key, action=action, target=target,
                                                ttl_seconds=ttl, mutation=mutation)
         if not replayed and outcome.dispatches:
-            self.durable._publish_many(list(outcome.dispatches))
+            self.publisher.publish_many(list(outcome.dispatches))
         return dict(outcome.response)
 
     def _maybe_cleanup(self, interval: float) -> None:
@@ -329,59 +317,6 @@ def _table_names(value: Any) -> list[str]:
         raise errors.InvalidRequest("required_tables must be a list of table names",
                                     field="required_tables")
     return [v.strip() for v in value]
-
-
-# ---------------------------------------------------------------------------- Celery tasks
-
-def register_tasks(durable: Durable) -> None:
-    """``durable_celery.cancel_workflow`` / ``resume_workflow`` / ``fork_workflow``: call by
-    name from any Celery app with JSON kwargs, applied as they are received (see
-    :mod:`durable_celery.receipt`). A refused request is logged and its error body returned
-    (it is not retried); a database outage is retried."""
-    from durable_celery import receipt
-
-    app = durable.app
-    options = {**receipt.TASK_OPTIONS, "ignore_result": False}
-
-    def guarded(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            return dict(call(*args, **kwargs))
-        except errors.ControlError as exc:
-            log.error("%s refused: %s", call.__name__, exc)
-            return {"ok": False, **exc.body, "status": exc.status}
-
-    def cancel(workflow_id: Any = None, request_key: Any = None, reason: Any = None,
-               ttl_days: Any = 7, cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
-        return guarded(durable.cancel_workflow, workflow_id=workflow_id,
-                       request_key=request_key, reason=reason, ttl_days=ttl_days,
-                       cleanup_interval_seconds=cleanup_interval_seconds)
-
-    def resume(workflow_id: Any = None, request_key: Any = None, ttl_days: Any = 7,
-               cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
-        return guarded(durable.resume_workflow, workflow_id=workflow_id,
-                       request_key=request_key, ttl_days=ttl_days,
-                       cleanup_interval_seconds=cleanup_interval_seconds)
-
-    def fork(workflow_id: Any = None, request_key: Any = None, start_step: Any = None,
-             new_workflow_id: Any = None, application_version: Any = None, ttl_days: Any = 7,
-             cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
-        return guarded(durable.fork_workflow, workflow_id=workflow_id,
-                       request_key=request_key, start_step=start_step,
-                       new_workflow_id=new_workflow_id,
-                       application_version=application_version, ttl_days=ttl_days,
-                       cleanup_interval_seconds=cleanup_interval_seconds)
-
-    for name, apply in (("cancel_workflow", cancel), ("resume_workflow", resume),
-                        ("fork_workflow", fork)):
-        def on_receipt(call: receipt.Call, apply: Any = apply) -> Any:
-            return apply(*call.args, **call.kwargs)
-
-        def task(self: Any, *args: Any, apply: Any = apply, **kwargs: Any) -> Any:
-            return apply(*args, **kwargs)
-
-        task.__name__ = task.__qualname__ = f"{name}_task"
-        app.task(name=f"durable_celery.{name}", Strategy=receipt.strategy(durable, on_receipt),
-                 **options)(task)
 
 
 def _compensations(wf: Any, source: ForkSource, copied: int) -> list[dict[str, Any]]:

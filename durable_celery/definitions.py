@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import math
 import random
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, overload
 
 from durable_celery import errors, payloads
+from durable_celery.checks import (
+    MAX_SECONDS,
+    check_concurrency,
+    check_identifier,
+    check_key_reuse,
+    check_name,
+    check_run_ahead,
+    check_seconds,
+)
 
 if TYPE_CHECKING:
-    from durable_celery.app import Durable
     from durable_celery.runtime.context import Context
+
 
 StepFunction = Callable[["Context"], Any]
 
@@ -30,21 +37,6 @@ class _Keep:
 
 
 KEEP: Any = _Keep()
-
-# The longest timer, delay or timeout we accept (100 years): far beyond any real schedule,
-# well inside what Postgres intervals and timestamps hold.
-MAX_SECONDS = 100 * 366 * 24 * 3600.0
-
-
-def check_seconds(value: Any, what: str, error: type[errors.DurableCeleryError] = errors.InvalidArgument,
-                  ) -> float:
-    """A finite number of seconds in ``[0, MAX_SECONDS]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or (isinstance(value, float) and not math.isfinite(value)) \
-            or not 0 <= value <= MAX_SECONDS:
-        raise error(f"{what} must be a finite number of seconds >= 0 (at most {MAX_SECONDS:.0f}), "
-                    f"got {value!r}")
-    return float(value)
 
 # ----------------------------------------------------------------------------- outcomes
 
@@ -141,15 +133,6 @@ class ChildSpec:
     workflow_id: str | None = None
     queue: str | None = None
     key_reuse: str | None = None    # None: the key_reuse setting
-
-
-def check_concurrency(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise errors.InvalidArgument(f"concurrency must be None or an int >= 1, got {value!r}"
-                                     [:300])
-    return value
 
 
 def _as_spec(item: Any) -> ChildSpec:
@@ -308,23 +291,6 @@ class RetryPolicy:
 
 # ----------------------------------------------------------------------------- definitions
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")
-
-
-def check_run_ahead(value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise errors.InvalidArgument(f"run_ahead must be True, False or None, got {value!r}"[:300])
-
-
-def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise errors.InvalidArgument(
-            f"{what} must be 1-100 characters of letters, digits, '_', '.', ':' or '-', "
-            f"starting with a letter or '_'; got {value!r}"
-        )
-    return value
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     name: str
@@ -344,7 +310,7 @@ class Step:
 class Workflow:
     """A named, versioned, ordered set of steps. Create with ``durable.workflow(...)``."""
 
-    durable: Durable
+    owner: WorkflowOwner
     name: str
     version: int = 1
     queue: str | None = None
@@ -395,7 +361,7 @@ class Workflow:
             step = Step(name=step_name, fn=func, index=len(self.steps), retry=policy,
                         queue=queue, run_ahead=run_ahead, compensate=undo)
             self.steps[step_name] = step
-            self.durable._register_step(self, step)
+            self.owner.register_step(self, step)
             return func
 
         if fn is not None:
@@ -437,7 +403,7 @@ class Workflow:
             step = Step(name=comp_name, fn=func, index=-1, retry=policy, queue=queue,
                         run_ahead=False, is_compensation=True)
             self.compensations[comp_name] = step
-            self.durable._register_step(self, step)
+            self.owner.register_step(self, step)
             return func
 
         if fn is not None:
@@ -457,8 +423,6 @@ class Workflow:
               *, queue: str | None = None, key_reuse: str | None = None) -> ChildSpec:
         """A child run of this workflow, for ``Spawn``. ``state`` defaults to a copy of the
         parent's state; ``key``, ``key_reuse`` and ``workflow_id`` work as in ``start``."""
-        from durable_celery.app import check_identifier, check_key_reuse
-
         if state is not KEEP:
             payloads.check_object(state, what="child state", max_bytes=SPEC_MAX_BYTES)
         if key is not None:
@@ -502,7 +466,7 @@ class Workflow:
         return order[step.index + 1] if step.index + 1 < len(order) else None
 
     def queue_for(self, step: Step, run_queue: str | None = None) -> str:
-        return step.queue or run_queue or self.queue or self.durable.default_queue
+        return step.queue or run_queue or self.queue or self.owner.registry.default_queue
 
     def task_name(self, step: Step | str) -> str:
         name = step.name if isinstance(step, Step) else step
@@ -529,7 +493,7 @@ class Workflow:
         Raises ``DuplicateWorkflow`` when the key or workflow_id is taken.
         """
         self.check()
-        return self.durable._start(self, state, workflow_id=workflow_id, key=key, delay=delay,
+        return self.owner.start_run(self, state, workflow_id=workflow_id, key=key, delay=delay,
                                    at=at, queue=queue, priority=priority,
                                    concurrency_key=concurrency_key, connection=connection,
                                    key_reuse=key_reuse)
@@ -537,8 +501,8 @@ class Workflow:
     def schedule(self, name: str, cron: str, *, timezone: str = "UTC", state: Any = None,
                  catchup: str = "latest", priority: int | None = None) -> Any:
         """Start this workflow on a cron schedule (see ``Durable.schedule``)."""
-        return self.durable.schedule(name, self, cron=cron, timezone=timezone, state=state,
-                                     catchup=catchup, priority=priority)
+        return self.owner.schedule(name, self, cron=cron, timezone=timezone, state=state,
+                                   catchup=catchup, priority=priority)
 
     def start_many(self, states: Iterable[Any], *, keys: Iterable[str | None] | None = None,
                    workflow_ids: Iterable[str | None] | None = None, delay: float | None = None,
@@ -554,9 +518,92 @@ class Workflow:
         nothing (all or nothing); ``"existing"`` starts the others and returns the id of
         the run that holds it in its place.
         """
-        return self.durable._start_many(self, states, keys=keys, workflow_ids=workflow_ids,
-                                        delay=delay, at=at, queue=queue,
-                                        on_conflict=on_conflict, key_reuse=key_reuse)
+        return self.owner.start_runs(self, states, keys=keys, workflow_ids=workflow_ids,
+                                     delay=delay, at=at, queue=queue,
+                                     on_conflict=on_conflict, key_reuse=key_reuse)
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name} v{self.version} steps={list(self.steps)}>"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class WorkflowOwner(Protocol):
+    """What a Workflow needs from whoever declared it (the Durable's parts, wired in
+    app.py): the registry, a way to register a step's Celery task, to start runs, and to
+    schedule them."""
+
+    registry: Registry
+
+    def register_step(self, wf: Workflow, step: Step) -> None: ...
+
+    def start_run(self, wf: Workflow, state: Any, **options: Any) -> str: ...
+
+    def start_runs(self, wf: Workflow, states: Any, **options: Any) -> list[str]: ...
+
+    def schedule(self, name: str, wf: Workflow, **options: Any) -> Any: ...
+
+
+class Registry:
+    """The workflows one Durable declared, by (name, version); the latest version by name.
+
+    ``default_queue`` is read when needed (a Celery app may be configured after the Durable
+    is created)."""
+
+    def __init__(self, default_queue: Callable[[], str]) -> None:
+        self._default_queue = default_queue
+        self._workflows: dict[tuple[str, int], Workflow] = {}
+        self._latest: dict[str, Workflow] = {}
+
+    @property
+    def default_queue(self) -> str:
+        return self._default_queue()
+
+    def add(self, wf: Workflow) -> None:
+        if (wf.name, wf.version) in self._workflows:
+            raise errors.InvalidArgument(f"workflow {wf.name!r} v{wf.version} is already declared")
+        self._workflows[(wf.name, wf.version)] = wf
+        latest = self._latest.get(wf.name)
+        if latest is None or latest.version < wf.version:
+            self._latest[wf.name] = wf
+
+    def find(self, name: str, version: int) -> Workflow | None:
+        """The workflow ``name`` v``version``, or None if this process does not know it."""
+        return self._workflows.get((name, version))
+
+    def owns(self, wf: Workflow) -> bool:
+        return self._workflows.get((wf.name, wf.version)) is wf
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(v for (n, v) in self._workflows if n == name)
+
+    def get(self, name: Any, version: Any = None) -> Workflow:
+        """The registered workflow ``name`` (its highest version unless ``version``)."""
+        if not isinstance(name, str):
+            raise errors.UnknownWorkflow(f"a workflow name is a string, got {name!r}"[:300])
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise errors.InvalidArgument(f"version must be an int, got {version!r}"[:300])
+        wf = self._latest.get(name) if version is None else self._workflows.get((name, version))
+        if wf is None:
+            known = sorted({n for n, _ in self._workflows})
+            raise errors.UnknownWorkflow(
+                f"no workflow {name!r}{'' if version is None else f' v{version}'} is registered;"
+                f" known: {known}", workflow=str(name))
+        return wf
+
+    def step_of(self, fn: Any) -> tuple[Workflow, Step] | None:
+        """The workflow and step whose function is ``fn``."""
+        for wf in self._workflows.values():
+            for step in wf.steps.values():
+                if step.fn is fn:
+                    return wf, step
+        return None
+
+    def check(self) -> None:
+        """Raise ``InvalidArgument`` if a declared workflow is incomplete."""
+        for wf in self._workflows.values():
+            wf.check()
+
+    def __iter__(self) -> Any:
+        return iter(list(self._workflows.values()))

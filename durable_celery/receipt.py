@@ -26,12 +26,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from durable_celery import errors
-
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+from durable_celery.runtime.readiness import Readiness
 
 log = logging.getLogger("durable_celery.receipt")
 
@@ -81,7 +79,7 @@ def decode(message: Any, body: Any) -> Call | None:
     return Call(id=str(headers["id"]), args=tuple(args), kwargs=dict(kwargs), eta=when)
 
 
-def strategy(durable: Durable, apply: Apply, *, keeps_eta: bool = False) -> Any:
+def strategy(readiness: Readiness, apply: Apply, *, keeps_eta: bool = False) -> Any:
     """A Celery task ``Strategy`` that applies each message as it is received (see above).
 
     ``keeps_eta``: ``apply`` honours ``Call.eta`` itself (a start becomes a durable timer);
@@ -101,12 +99,12 @@ def strategy(durable: Durable, apply: Apply, *, keeps_eta: bool = False) -> Any:
             except Exception:
                 call = None
             if call is None or (call.eta is not None and not keeps_eta) \
-                    or not durable._readiness.ready:
+                    or not readiness.ready:
                 return ordinary(message, body, ack, reject, callbacks, **more)
             try:
                 result = apply(call)
             except (errors.StorageError, errors.ConfigurationError) as exc:
-                durable._readiness.failed(exc)
+                readiness.failed(exc)
                 return ordinary(message, body, ack, reject, callbacks, **more)
             except Exception:
                 log.warning("%s[%s] could not be applied as received; it runs as an "

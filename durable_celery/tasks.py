@@ -19,17 +19,41 @@ import re
 import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import exceptions as celery_exceptions
 
 from durable_celery import errors, payloads, receipt
-from durable_celery.definitions import Done, Fail, Retry, RetryPolicy, check_name, check_seconds
+from durable_celery.checks import check_name, check_priority, check_seconds
+from durable_celery.definitions import Done, Fail, Retry, RetryPolicy, Workflow
+from durable_celery.runtime.readiness import Readiness
+from durable_celery.settings import Settings
 
 if TYPE_CHECKING:
-    from durable_celery.app import Durable
     from durable_celery.runtime.context import Context
     from durable_celery.storage.records import Run
+
+
+class TaskOwner(Protocol):
+    """What a durable task uses: the public API of the Durable that declared it (a task
+    is a one-step workflow, started, awaited and cancelled as any run)."""
+
+    app: Any
+    settings: Settings
+
+    def workflow(self, name: str, *, version: int = 1, queue: str | None = None,
+                 run_ahead: bool | None = None) -> Workflow: ...
+
+    def get_workflow(self, workflow_id: str) -> Run: ...
+
+    def wait_result(self, workflow_id: str, timeout: float | None = None) -> Any: ...
+
+    def cancel_workflow(self, workflow_id: str, request_key: str, *,
+                        reason: str | None = None) -> dict[str, Any]: ...
+
+    def schedule(self, name: str, wf: Workflow | str, cron: str, *, timezone: str = "UTC",
+                 state: Any = None, catchup: str = "latest", priority: int | None = None,
+                 ) -> Any: ...
 
 log = logging.getLogger("durable_celery.tasks")
 
@@ -56,7 +80,8 @@ CELERY_STATES = {"runnable": "PENDING", "awaiting": "PENDING", "executing": "STA
                  "done": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED"}
 
 
-def decorate(durable: Durable, fn: Any, options: dict[str, Any]) -> Any:
+def decorate(durable: TaskOwner, fn: Any, options: dict[str, Any], *,
+             readiness: Readiness) -> Any:
     unknown = set(options) - OPTIONS
     if unknown:
         raise errors.InvalidArgument(
@@ -68,7 +93,7 @@ def decorate(durable: Durable, fn: Any, options: dict[str, Any]) -> Any:
     def wrap(func: Any) -> DurableTask:
         if not callable(func) or isinstance(func, DurableTask):
             raise errors.InvalidArgument(f"@durable.task decorates a function, not {func!r}"[:300])
-        return DurableTask(durable, func, **{k: v for k, v in options.items()
+        return DurableTask(durable, func, readiness=readiness, **{k: v for k, v in options.items()
                                               if k not in IGNORED_OPTIONS})
 
     if fn is None:
@@ -90,15 +115,15 @@ class DurableTask:
     """What ``@durable.task`` returns: callable inline, ``.delay()``/``.apply_async()``
     start durable runs."""
 
-    def __init__(self, durable: Durable, fn: Any, *, name: str | None = None,
+    def __init__(self, durable: TaskOwner, fn: Any, *, readiness: Readiness,
+                 name: str | None = None,
                  queue: str | None = None, retry: Any = None, bind: bool = False,
                  max_retries: Any = _UNSET, default_retry_delay: float = 180.0,
                  autoretry_for: Any = (), dont_autoretry_for: Any = (),
                  retry_backoff: Any = False, retry_backoff_max: float = 600.0,
                  retry_jitter: bool = True, priority: int | None = None) -> None:
-        from durable_celery.app import check_priority
-
         self.durable = durable
+        self.readiness = readiness
         self.run = self.__wrapped__ = fn
         self.name = check_name(
             durable.app.gen_task_name(fn.__name__, fn.__module__) if name is None else name,
@@ -154,7 +179,7 @@ class DurableTask:
 
         entry.__name__ = entry.__qualname__ = re.sub(r"\W", "_", self.name)
         self.durable.app.task(
-            name=self.name, Strategy=receipt.strategy(self.durable, on_receipt, keeps_eta=True),
+            name=self.name, Strategy=receipt.strategy(self.readiness, on_receipt, keeps_eta=True),
             **receipt.TASK_OPTIONS)(entry)
 
     def _start_by_name(self, message_id: str | None, args: Any, kwargs: Any,
@@ -293,7 +318,7 @@ class BoundTask:
 class TaskHandle:
     """What ``.delay()`` returns: like Celery's ``AsyncResult``, backed by the run."""
 
-    def __init__(self, durable: Durable, workflow_id: str) -> None:
+    def __init__(self, durable: TaskOwner, workflow_id: str) -> None:
         self.durable = durable
         self.id = self.task_id = self.workflow_id = workflow_id
 

@@ -11,9 +11,6 @@ import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from durable_celery import app as app_mod
-from durable_celery.runtime import executor
-
 if TYPE_CHECKING:
     from durable_celery.app import Durable
 
@@ -26,12 +23,15 @@ def drain(durable: Durable, *, max_steps: int = 10_000, collapse_timers: bool = 
     also fires every ``Await`` deadline (otherwise awaiting runs stay parked, so a test can
     signal them and drain again). Nothing is published to the broker meanwhile.
     """
-    durable._ensure_ready()
+    durable.ensure_ready()
     tally: Counter[str] = Counter()
-    before = executor.counters["steps"]
-    app_mod._inline.active = True
-    try:
-        while executor.counters["steps"] - before < max_steps:
+
+    def steps() -> int:
+        return durable.stats().get("steps", 0)
+
+    before = steps()
+    with durable.publisher.inline():
+        while steps() - before < max_steps:
             if collapse_timers:
                 durable.store.collapse_timers(expire_awaits=expire_awaits)
             if expire_awaits:
@@ -39,13 +39,11 @@ def drain(durable: Durable, *, max_steps: int = 10_000, collapse_timers: bool = 
             batch = durable.store.runnable_now(100)
             if not batch:
                 break
-            outcomes = [executor.execute(durable, d.workflow_id, d.seq) for d in batch]
+            outcomes = [durable.executor.execute(d.workflow_id, d.seq) for d in batch]
             tally.update(outcomes)
             if "committed" not in outcomes:
                 break  # nothing here can progress (e.g. workflows not registered here)
-    finally:
-        app_mod._inline.active = False
-    tally["steps"] = executor.counters["steps"] - before
+    tally["steps"] = steps() - before
     return dict(tally)
 
 

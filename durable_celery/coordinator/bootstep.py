@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from celery import bootsteps
 from celery import signals as celery_signals
@@ -22,17 +24,30 @@ from celery.worker import control
 
 from durable_celery import errors
 from durable_celery.coordinator import redis_broker
+from durable_celery.coordinator.loop import Coordinator
 from durable_celery.runtime import limits
-
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+from durable_celery.runtime.readiness import Readiness
+from durable_celery.settings import Settings
 
 log = logging.getLogger("durable_celery.coordinator")
 
-_instances: list[Durable] = []
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """What the worker's hooks need of one Durable: handed down by app.py."""
+
+    app: Any
+    settings: Settings
+    readiness: Readiness
+    check_definitions: Callable[[], None]
+    coordinator: Callable[[], Coordinator]
+    release: Callable[[], int]   # this process's worker identity: release held runs
 
 
-def install(durable: Durable) -> None:
+_instances: list[Installed] = []
+
+
+def install(parts: Installed) -> None:
     class DurableCoordinator(bootsteps.StartStopStep):
         """Migrates the schema (if auto_migrate) and runs the coordinator sweeps."""
 
@@ -41,25 +56,24 @@ def install(durable: Durable) -> None:
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
-            self.coordinator: Any = None
+            self.coordinator: Coordinator | None = None
             # Created before the pool forks its children: they see the worker's limits.
             limits.worker_limits(getattr(parent, "time_limit", None),
                                  getattr(parent, "soft_time_limit", None))
 
         def start(self, parent: Any) -> None:
-            durable.check_definitions()  # a definition error stops the worker at start
+            parts.check_definitions()  # a definition error stops the worker at start
             # A failure is logged by readiness in one line (what is wrong, what to do). The
             # worker starts anyway: steps wait in the broker, the coordinator retries.
             with contextlib.suppress(errors.DurableCeleryError):
-                durable._ensure_ready()
-            if durable.settings.coordinator:
-                self.coordinator = durable.coordinator()
+                parts.readiness.ensure()
+            if parts.settings.coordinator:
+                coordinator = self.coordinator = parts.coordinator()
                 if redis_broker.is_redis(parent.app):
                     consumed = parent.app.amqp.queues.consume_from or parent.app.amqp.queues
-                    self.coordinator.redis = redis_broker.RedisUpkeep(
-                        parent.app, list(consumed.values()),
-                        after=durable.settings.stale_after)
-                self.coordinator.start()
+                    coordinator.redis = redis_broker.RedisUpkeep(
+                        parent.app, list(consumed.values()), after=parts.settings.stale_after)
+                coordinator.start()
                 log.info("durable_celery coordinator started")
 
         def stop(self, parent: Any) -> None:
@@ -67,21 +81,21 @@ def install(durable: Durable) -> None:
                 self.coordinator.stop()
                 self.coordinator = None
 
-    durable.app.steps["worker"].add(DurableCoordinator)
-    _instances.append(durable)
+    parts.app.steps["worker"].add(DurableCoordinator)
+    _instances.append(parts)
 
 
 @celery_signals.worker_shutdown.connect(weak=False)
 def _release_after_drain(**_: Any) -> None:
     """The pool has drained (threads, solo): release what this process still holds."""
-    for durable in _instances:
-        durable._release_identity()
+    for parts in _instances:
+        parts.release()
 
 
 @celery_signals.worker_process_shutdown.connect(weak=False)
 def _release_on_shutdown(**_: Any) -> None:
-    for durable in _instances:
-        durable._release_identity()
+    for parts in _instances:
+        parts.release()
 
 
 @control.inspect_command()
@@ -90,4 +104,4 @@ def durable_status(state: Any, **_: Any) -> dict[str, Any]:
     (and what to do if not), per Durable of its app."""
     app = state.consumer.app
     found = [d for d in _instances if d.app is app]
-    return {"durable_celery": [d.readiness() for d in found]}
+    return {"durable_celery": [d.readiness.state() for d in found]}

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
 from durable_celery import errors, payloads
-from durable_celery.definitions import Workflow, check_name
-from durable_celery.storage.schedules import Plan, Schedule
-
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+from durable_celery.checks import check_name, check_priority
+from durable_celery.definitions import Registry, Workflow
+from durable_celery.runtime.publisher import Publisher
+from durable_celery.runtime.readiness import Readiness
+from durable_celery.settings import Settings
+from durable_celery.storage.schedules import Plan, Schedule, ScheduleStore
 
 log = logging.getLogger("durable_celery.coordinator")
 
@@ -103,36 +104,57 @@ def plan(cron: str, zone: ZoneInfo, next_fire_at: datetime, now: datetime, catch
 # ----------------------------------------------------------------------------- public calls
 
 
-def schedule(durable: Durable, name: Any, wf: Any, *, cron: Any, timezone: Any = "UTC",
-             state: Any = None, catchup: Any = "latest", priority: Any = None,
-             now: datetime | None = None) -> Schedule:
-    from durable_celery.app import check_priority
+class Schedules:
+    """Declare, list, pause, resume and delete cron schedules (``durable.schedule`` ...)."""
 
-    check_name(name, "schedule name")
-    if isinstance(wf, str):
-        wf = durable.get_definition(wf)
-    if not isinstance(wf, Workflow) or durable._workflows.get((wf.name, wf.version)) is not wf:
-        raise errors.UnknownWorkflow(f"schedule needs a workflow registered here, got {wf!r}"[:300])
-    zone = check_zone(timezone)
-    expr = check_cron(cron, zone)
-    mode = check_catchup(catchup)
-    prio = check_priority(priority)
-    text = payloads.check_object({} if state is None else state, what="schedule state",
-                                 max_bytes=durable.settings.max_payload_bytes)
-    first = wf.first
-    durable._ensure_ready()
-    return durable.schedules.upsert(
-        name=name, workflow=wf.name, version=wf.version, step=first.name,
-        queue=wf.queue_for(first), cron=expr, timezone=str(timezone), state=text,
-        catchup=mode, priority=prio, next_fire_at=next_after(expr, zone, now or _now()))
+    def __init__(self, *, store: ScheduleStore, registry: Registry, readiness: Readiness,
+                 settings: Settings) -> None:
+        self.store = store
+        self.registry = registry
+        self.readiness = readiness
+        self.settings = settings
 
+    def declare(self, name: Any, wf: Any, *, cron: Any, timezone: Any = "UTC",
+                state: Any = None, catchup: Any = "latest", priority: Any = None,
+                now: datetime | None = None) -> Schedule:
+        check_name(name, "schedule name")
+        if isinstance(wf, str):
+            wf = self.registry.get(wf)
+        if not isinstance(wf, Workflow) or not self.registry.owns(wf):
+            raise errors.UnknownWorkflow(
+                f"schedule needs a workflow registered here, got {wf!r}"[:300])
+        zone = check_zone(timezone)
+        expr = check_cron(cron, zone)
+        mode = check_catchup(catchup)
+        prio = check_priority(priority)
+        text = payloads.check_object({} if state is None else state, what="schedule state",
+                                     max_bytes=self.settings.max_payload_bytes)
+        first = wf.first
+        self.readiness.ensure()
+        return self.store.upsert(
+            name=name, workflow=wf.name, version=wf.version, step=first.name,
+            queue=wf.queue_for(first), cron=expr, timezone=str(timezone), state=text,
+            catchup=mode, priority=prio, next_fire_at=next_after(expr, zone, now or _now()))
 
-def resume(durable: Durable, name: Any, now: datetime | None = None) -> Schedule:
-    check_name(name, "schedule name")
-    durable._ensure_ready()
-    at = now or _now()
-    return durable.schedules.resume(
-        name, lambda s: next_after(s.cron, ZoneInfo(s.timezone), at))
+    def all(self) -> list[Schedule]:
+        self.readiness.ensure()
+        return self.store.all()
+
+    def pause(self, name: Any) -> Schedule:
+        check_name(name, "schedule name")
+        self.readiness.ensure()
+        return self.store.pause(name)
+
+    def resume(self, name: Any, now: datetime | None = None) -> Schedule:
+        check_name(name, "schedule name")
+        self.readiness.ensure()
+        at = now or _now()
+        return self.store.resume(name, lambda s: next_after(s.cron, ZoneInfo(s.timezone), at))
+
+    def delete(self, name: Any) -> None:
+        check_name(name, "schedule name")
+        self.readiness.ensure()
+        self.store.delete(name)
 
 
 def _now() -> datetime:
@@ -145,25 +167,28 @@ def _now() -> datetime:
 class CronSweep:
     """Fires due schedule occurrences; safe on many coordinators at once."""
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
+    def __init__(self, store: ScheduleStore, registry: Registry, publisher: Publisher,
+                 settings: Settings) -> None:
+        self.store = store
+        self.registry = registry
+        self.publisher = publisher
+        self.settings = settings
 
     def run_once(self, now: datetime | None = None) -> int:
         """Start the runs of every occurrence due at ``now`` (default: the database's
         clock, never this host's); returns runs started."""
-        durable = self.durable
-        dispatches, started = durable.schedules.fire_due(
+        dispatches, started = self.store.fire_due(
             now, lambda s, at: plan(s.cron, ZoneInfo(s.timezone), s.next_fire_at, at, s.catchup),
-            self._target, limit=durable.settings.sweep_batch_size)
-        durable._publish_many(dispatches)
+            self._target, limit=self.settings.sweep_batch_size)
+        self.publisher.publish_many(dispatches)
         return started
 
     def seconds_to_next(self, now: datetime | None = None) -> float | None:
-        return self.durable.schedules.seconds_to_next(now)
+        return self.store.seconds_to_next(now)
 
     def _target(self, schedule: Schedule) -> tuple[str, str]:
         """The first step and queue: from the code if registered here, else as stored."""
-        wf = self.durable._workflows.get((schedule.workflow, schedule.version))
+        wf = self.registry.find(schedule.workflow, schedule.version)
         if wf is None or not wf.steps:
             return schedule.step, schedule.queue
         return wf.first.name, wf.queue_for(wf.first)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from durable_celery import errors
 from durable_celery.coordinator.cron import CronSweep
 from durable_celery.coordinator.redis_broker import RedisUpkeep
 from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
+from durable_celery.definitions import Registry
+from durable_celery.runtime.publisher import Publisher
+from durable_celery.runtime.readiness import Readiness
+from durable_celery.settings import Settings
+from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.listener import Listener
-
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+from durable_celery.storage.schedules import ScheduleStore
+from durable_celery.storage.store import Store
 
 log = logging.getLogger("durable_celery.coordinator")
 
@@ -29,12 +33,16 @@ class Coordinator:
     NOTIFY from a commit that set a nearer timer, whichever comes first.
     """
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
-        self.dispatcher = Dispatcher(durable)
-        self.reaper = Reaper(durable)
-        self.collector = Collector(durable)
-        self.cron = CronSweep(durable)
+    def __init__(self, *, holder: EngineHolder, store: Store, schedules: ScheduleStore,
+                 registry: Registry, publisher: Publisher, readiness: Readiness,
+                 settings: Settings, cleanup: Callable[[], int]) -> None:
+        self.holder = holder
+        self.readiness = readiness
+        self.settings = settings
+        self.dispatcher = Dispatcher(store, publisher, settings)
+        self.reaper = Reaper(store, publisher, settings)
+        self.collector = Collector(store, settings, cleanup)
+        self.cron = CronSweep(schedules, registry, publisher, settings)
         self.redis: RedisUpkeep | None = None  # a Redis broker's queues and unacked messages
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,7 +66,7 @@ class Coordinator:
             self.redis.close()
 
     def run_forever(self) -> None:
-        listener = self._listener = Listener(self.durable._holder)
+        listener = self._listener = Listener(self.holder)
         try:
             while not self._stop.is_set():
                 listener.wait(self._pass())
@@ -71,11 +79,11 @@ class Coordinator:
 
     def _pass(self) -> float:
         """Run what is due; return how long to sleep."""
-        interval = self.durable.settings.sweep_interval
+        interval = self.settings.sweep_interval
         try:
             # Migrations once per process (a no-op after); while the database is away or
             # not migrated, one log line per backoff, no traceback, no spinning.
-            self.durable._ensure_ready(wait=False)
+            self.readiness.ensure(wait=False)
             # Due timers first: the other sweeps' statements would add to every overshoot.
             done = self.dispatcher.run_once()
             now = time.monotonic()
@@ -107,7 +115,7 @@ class Coordinator:
             return max(exc.retry_in, interval)
         except (errors.StorageError, errors.ConfigurationError) as exc:
             # The database went away (or refused us): readiness logs it once and backs off.
-            return max(self.durable._readiness.failed(exc), interval)
+            return max(self.readiness.failed(exc), interval)
         except Exception:
             log.warning("coordinator sweep failed; retrying", exc_info=True)
             return interval

@@ -35,20 +35,18 @@ import time
 from datetime import datetime
 from typing import Any
 
+from durable_celery.runtime.publisher import is_redis
+
+__all__ = ["RedisUpkeep", "carries_data", "due_at", "is_redis"]
+
 log = logging.getLogger("durable_celery.coordinator")
 
-REDIS_SCHEMES = ("redis", "rediss", "sentinel", "redis-socket")
 # One quick attempt per pass, never kombu's retry loop (its sleeps would hold up timers).
 QUICK = {"max_retries": 0, "interval_start": 0, "interval_step": 0, "interval_max": 0,
          "socket_timeout": 1.0, "socket_connect_timeout": 1.0}
 # Received messages looked at per pass, oldest first (a page is one ZRANGE and one HMGET).
 PAGE = 500
 PAGES = 10
-
-
-def is_redis(app: Any) -> bool:
-    url = str(app.conf.broker_url or "")
-    return url.split("://", 1)[0].split("+")[0] in REDIS_SCHEMES
 
 
 def carries_data(app: Any, name: Any) -> bool:

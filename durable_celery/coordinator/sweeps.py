@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-if TYPE_CHECKING:
-    from durable_celery.app import Durable
+from durable_celery.runtime.publisher import Publisher
+from durable_celery.settings import Settings
+from durable_celery.storage.store import Store
 
 log = logging.getLogger("durable_celery.coordinator")
 
@@ -23,19 +24,21 @@ KEY_QUIET = 5.0
 class Dispatcher:
     """Publishes due runnable rows (timers, lost or overdue messages) and expires awaits."""
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
 
     def run_once(self) -> int:
-        store, limit = self.durable.store, self.durable.settings.sweep_batch_size
+        store, limit = self.store, self.settings.sweep_batch_size
         done = 0
         # A concurrency key freed without a hand-off (a cancel, a run failed by the reaper):
         # its next waiter becomes due now.
         store.wake_free_keys(limit, quiet=KEY_QUIET)
         for _ in range(100):  # bounded: never starve the other sweeps
             batch = store.expire_awaits(limit) + store.dispatch_due(
-                limit, lead=self.durable.settings.timer_lead)
-            published = self.durable._publish_many(batch)
+                limit, lead=self.settings.timer_lead)
+            published = self.publisher.publish_many(batch)
             done += published
             if published < len(batch) or len(batch) < limit:
                 break  # the broker failed (retry later), or nothing more is due
@@ -43,20 +46,23 @@ class Dispatcher:
 
     def seconds_to_next(self) -> float | None:
         """Seconds until the next pass has work (a timer counts ``timer_lead`` early)."""
-        return self.durable.store.seconds_to_next_due(lead=self.durable.settings.timer_lead)
+        return self.store.seconds_to_next_due(lead=self.settings.timer_lead)
 
 
 class Reaper:
     """Returns runs held by dead worker processes (stale heartbeat) to runnable."""
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
         self._last_pass: float | None = None
         self._grace_until = 0.0
 
-    def run_once(self) -> int:
-        s = self.durable.settings
-        now = time.monotonic()
+    def run_once(self, now: float | None = None) -> int:
+        """``now``: this process's monotonic clock (tests pass it to step through time)."""
+        s = self.settings
+        now = time.monotonic() if now is None else now
         if self._last_pass is not None and now - self._last_pass > s.stale_after:
             # This coordinator could not reach the database (or was frozen) for longer than
             # stale_after: every worker's heartbeat looks stale for the same reason. Give
@@ -67,17 +73,17 @@ class Reaper:
         if now < self._grace_until:
             self._last_pass = now
             return 0
-        reaped = self.durable.store.reap(
+        reaped = self.store.reap(
             stale_after=s.stale_after, max_recoveries=s.max_recoveries, limit=s.sweep_batch_size)
         self._last_pass = now  # only a pass that reached the database counts
         for dispatch in reaped.publish:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
-        owed = self.durable.store.pay_owed_slots(s.sweep_batch_size)
-        delivered, woken = self.durable.store.deliver_early_signals(s.sweep_batch_size)
+        owed = self.store.pay_owed_slots(s.sweep_batch_size)
+        delivered, woken = self.store.deliver_early_signals(s.sweep_batch_size)
         if delivered:
             log.info("%d signal(s) sent before their run existed delivered to it", delivered)
-        self.durable._publish_many(reaped.publish + reaped.wakes + owed + woken)
+        self.publisher.publish_many(reaped.publish + reaped.wakes + owed + woken)
         if reaped.failed:
             log.error("%d run(s) failed after %d worker losses", reaped.failed,
                       s.max_recoveries)
@@ -88,20 +94,22 @@ class Collector:
     """Deletes finished runs (with history and signals) older than ``retention``, and
     expired idempotency records of control requests."""
 
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
+    def __init__(self, store: Store, settings: Settings, cleanup: Callable[[], int]) -> None:
+        self.store = store
+        self.settings = settings
+        self.cleanup = cleanup  # expired control requests (Controls.cleanup)
 
     def run_once(self) -> int:
-        s = self.durable.settings
+        s = self.settings
         total = 0
         for _ in range(100):
-            n = self.durable.store.collect_garbage(
+            n = self.store.collect_garbage(
                 retention_seconds=s.retention.total_seconds(), limit=s.gc_batch_size)
             total += n
             if n < s.gc_batch_size:
                 break
-        expired = self.durable.store.expire_early_signals(s.gc_batch_size)
+        expired = self.store.expire_early_signals(s.gc_batch_size)
         if expired:
             log.warning("%d signal(s) sent by name to a run that never started expired "
                         "(early_signal_ttl) and were dropped", expired)
-        return total + expired + int(self.durable.controls.cleanup())
+        return total + expired + int(self.cleanup())

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from durable_celery import errors, payloads
+from durable_celery.checks import check_seconds
 from durable_celery.definitions import (
     KEEP,
     OUTCOME_TYPES,
@@ -26,9 +27,8 @@ from durable_celery.definitions import (
     Spawn,
     Step,
     Workflow,
-    check_seconds,
 )
-from durable_celery.storage.store import Transition
+from durable_celery.storage.records import Transition
 
 MAX_TRACEBACK = 8000
 MAX_SIGNAL_NAME = 200
@@ -295,19 +295,18 @@ def _dumps(value: Any) -> str:
 
 def _resolve_child(v: Visit, target: Any) -> tuple[Workflow, Step]:
     """The registered workflow (and first step) a child spec names."""
-    durable = v.workflow.durable
+    registry = v.workflow.owner.registry
     if isinstance(target, Workflow):
-        if durable._workflows.get((target.name, target.version)) is not target:
+        if not registry.owns(target):
             raise errors.UnknownWorkflow(
                 f"cannot spawn workflow {target.name!r} v{target.version}: it is not "
                 "registered with this Durable", workflow=target.name)
         target.check()
         return target, target.first
-    for wf in durable._workflows.values():
-        for step in wf.steps.values():
-            if step.fn is target:
-                wf.check()
-                return wf, step
+    found = registry.step_of(target)
+    if found is not None:
+        found[0].check()
+        return found
     label = getattr(target, "__name__", repr(target))
     raise errors.UnknownWorkflow(
         f"cannot spawn {label!r}: it is not a step of a registered workflow (declare it with "

@@ -136,3 +136,34 @@ class WorkerIdentity:
         except Exception:
             log.warning("could not deregister worker %s", self.id, exc_info=True)
             return 0
+
+
+class ProcessIdentity:
+    """This process's :class:`WorkerIdentity`, created on first use and again after a fork
+    (a forked child gets its own row and heartbeat; threads share one)."""
+
+    def __init__(self, store: Store, *, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._lock = forksafe.Lock()
+        self._ident: WorkerIdentity | None = None
+
+    def get(self) -> WorkerIdentity:
+        ident = self._ident
+        if ident is not None and ident.pid == os.getpid():
+            return ident
+        with self._lock:  # threads pool: one identity per process
+            ident = self._ident
+            if ident is None or ident.pid != os.getpid():
+                ident = self._ident = WorkerIdentity(
+                    self.store, interval=self.interval,
+                    nodename=os.environ.get("DURABLE_CELERY_NODENAME"))
+            return ident
+
+    def release(self) -> int:
+        """Stop beating and release the runs this process holds; returns how many."""
+        ident = self._ident
+        if ident is None or ident.pid != os.getpid():
+            return 0
+        self._ident = None
+        return ident.close()

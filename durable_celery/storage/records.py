@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-TERMINAL = frozenset({"done", "failed", "cancelled", "compensated", "compensation_failed"})
-STATUSES = frozenset({"runnable", "executing", "awaiting", "awaiting_children",
-                      "compensating"}) | TERMINAL
+
+class Status(str, enum.Enum):
+    """A run's status (the ``runs.status`` column). A ``str``: equal to its value, so it
+    compares with, and is stored as, the plain text. docs/statuses.md says which statement
+    moves a run from one to another, under which guard."""
+
+    RUNNABLE = "runnable"                # due now, or at eligible_at
+    EXECUTING = "executing"              # claimed by a worker process (owner + lease)
+    AWAITING = "awaiting"                # parked until a signal (or its deadline)
+    AWAITING_CHILDREN = "awaiting_children"  # parked until its children are terminal
+    COMPENSATING = "compensating"        # running its compensations after a failure
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[str] = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED,
+                                      Status.COMPENSATED, Status.COMPENSATION_FAILED})
+STATUSES: frozenset[str] = frozenset(Status)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,3 +234,46 @@ class SignalResult:
     signal_id: int | None
     duplicate: bool
     woke: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition:
+    """A step's outcome, ready to commit."""
+
+    status: str                   # runnable | executing (run-ahead) | awaiting | done | failed
+    step: str                     # the step to run next (the same step for terminal)
+    queue: str
+    attempt: int
+    state: str                    # JSON text
+    result: str | None = None     # JSON text
+    error: str | None = None      # JSON text
+    delay: float = 0.0
+    until: datetime | None = None
+    publish: bool = False         # runnable and due now: the caller publishes after commit
+    await_names: Sequence[str] | None = None
+    deadline: float | None = None
+    outcome: str                  # history label
+    next_step: str | None
+    consume: bool = True          # the signals this step saw are consumed
+    await_all: bool = False       # Await(mode="all")
+    children: str | None = None   # Spawn: JSON array of child rows to insert
+    children_count: int = 0
+    spawn_cap: int | None = None  # Spawn: foreach's concurrency cap
+    comp_push: str | None = None  # JSON: a completed step's compensation, pushed
+    compensations: str | None = None        # JSON: the new compensation stack (replaces)
+    compensation_errors: str | None = None  # JSON: replaces
+    failure: str | None = None              # JSON: the failure that started compensating
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Committed:
+    """A commit that took effect; ``dispatch`` is set when a message must be published."""
+
+    seq: int
+    status: str
+    dispatch: Dispatch | None
+    wakes: tuple[Dispatch, ...] = ()  # children started, parents woken, siblings released

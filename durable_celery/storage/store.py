@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,10 +24,12 @@ from durable_celery.storage.engine import EngineHolder, driver_sql
 from durable_celery.storage.records import (
     TERMINAL,
     Claim,
+    Committed,
     Dispatch,
     Run,
     SignalResult,
     StepRecord,
+    Transition,
 )
 from durable_celery.storage.sql import DISPATCH_COLUMNS, KEY_HELD, NOTIFY
 from durable_celery.storage.sql import q as _q
@@ -345,49 +346,6 @@ def duplicate(run_id: str, key: str | None, holder: str, status: str, policy: st
 
 class _HolderGone(Exception):
     """start_many: a conflicting run finished before we could name it."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Transition:
-    """A step's outcome, ready to commit."""
-
-    status: str                   # runnable | executing (run-ahead) | awaiting | done | failed
-    step: str                     # the step to run next (the same step for terminal)
-    queue: str
-    attempt: int
-    state: str                    # JSON text
-    result: str | None = None     # JSON text
-    error: str | None = None      # JSON text
-    delay: float = 0.0
-    until: datetime | None = None
-    publish: bool = False         # runnable and due now: the caller publishes after commit
-    await_names: Sequence[str] | None = None
-    deadline: float | None = None
-    outcome: str                  # history label
-    next_step: str | None
-    consume: bool = True          # the signals this step saw are consumed
-    await_all: bool = False       # Await(mode="all")
-    children: str | None = None   # Spawn: JSON array of child rows to insert
-    children_count: int = 0
-    spawn_cap: int | None = None  # Spawn: foreach's concurrency cap
-    comp_push: str | None = None  # JSON: a completed step's compensation, pushed
-    compensations: str | None = None        # JSON: the new compensation stack (replaces)
-    compensation_errors: str | None = None  # JSON: replaces
-    failure: str | None = None              # JSON: the failure that started compensating
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Committed:
-    """A commit that took effect; ``dispatch`` is set when a message must be published."""
-
-    seq: int
-    status: str
-    dispatch: Dispatch | None
-    wakes: tuple[Dispatch, ...] = ()  # children started, parents woken, siblings released
 
 
 class Store(SweepStore):

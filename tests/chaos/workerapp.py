@@ -111,11 +111,11 @@ class Effects:
 def install_message_faults(durable: Durable, rng: random.Random | None = None) -> dict[str, int]:
     """Publish every durable message twice; silently drop about ``DROP_RATE`` of them.
 
-    Wraps this Durable's publish path (``_publish_many``, used by starts, commits, signals
+    Wraps this Durable's publish path (``publisher.publish_many``, used by starts, commits, signals
     and every sweep). Returns the live tally of faults injected in this process.
     """
     rng = rng or random.Random()
-    original = durable._publish_many
+    original = durable.publisher.publish_many
     tally = {"published": 0, "duplicated": 0, "dropped": 0}
     lock = threading.Lock()
 
@@ -136,7 +136,7 @@ def install_message_faults(durable: Durable, rng: random.Random | None = None) -
         done = original(sent)
         return len(dispatches) if done == len(sent) else 0
 
-    durable._publish_many = publish_many  # type: ignore[method-assign]
+    durable.publisher.publish_many = publish_many  # type: ignore[method-assign]
     return tally
 
 

@@ -97,7 +97,7 @@ def test_message_lost_after_commit_is_republished(e2e: Harness,
     """The run row commits but its message never reaches the broker (the publishing process
     died in between): the coordinator of a worker started later re-sends it."""
     dropped: list[Any] = []
-    monkeypatch.setattr(e2e.durable, "_publish", dropped.append)
+    monkeypatch.setattr(e2e.durable.publisher, "publish", dropped.append)
     started = time.monotonic()
     wid = e2e.start("pipeline", {"x": 3})
     assert [d.workflow_id for d in dropped] == [wid]

@@ -25,7 +25,6 @@ from durable_celery import (
     WorkflowFailed,
     WorkflowNotFound,
 )
-from durable_celery.runtime.executor import execute
 from durable_celery.testing import drain
 from tests.integration.support import Worker, execute_sql, run_row, scalar
 
@@ -151,7 +150,7 @@ def test_a_step_returning_garbage_fails_only_its_run(durable, published, db_engi
         return Done("fine")
 
     bad = wf.start({"good": False})
-    assert execute(durable, bad, 0) == "committed"
+    assert durable.executor.execute(bad, 0) == "committed"
     run = durable.get_workflow(bad)
     assert run.status == "failed"
     assert run.error["type"] == "InvalidOutcome"
@@ -182,7 +181,7 @@ def test_an_out_of_range_timer_fails_the_run_instead_of_wedging_it(durable, publ
 
     wid = wf.start()
     try:
-        result = execute(durable, wid, 0)
+        result = durable.executor.execute(wid, 0)
     except Exception as exc:  # reported below together with the state it left behind
         result = f"raised {type(exc).__name__}: {exc}"
     row = run_row(db_engine, wid)

@@ -29,7 +29,7 @@ def test_an_unreachable_database_at_commit_hands_the_claim_back(durable, publish
 
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0, 0.0))
     monkeypatch.setattr(durable.store, "commit", down)
-    assert executor.execute(durable, wid, 0) == "commit_failed"
+    assert durable.executor.execute(wid, 0) == "commit_failed"
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"] is not None) == ("executing", True)
 
@@ -42,7 +42,7 @@ def test_an_unreachable_database_at_commit_hands_the_claim_back(durable, publish
     assert (row["status"], row["owner"]) == ("runnable", None)
 
     # The step runs again and commits once.
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert durable.wait_result(wid, timeout=1) == {"ok": True}
     assert effects == [0, 0]
 
@@ -62,7 +62,7 @@ def test_a_commit_that_succeeds_on_retry_applies_once(durable, published, monkey
 
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0,))
     monkeypatch.setattr(durable.store, "commit", flaky)
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert len(calls) == 2
     assert durable.wait_result(wid, timeout=1) == {"ok": True}
     assert len(durable.workflow_steps(wid)) == 1
@@ -81,7 +81,7 @@ def test_an_outcome_postgres_refuses_fails_the_run(durable, published, db_engine
         return real_commit(claim, transition, **kwargs)
 
     monkeypatch.setattr(durable.store, "commit", refuse_first)
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert row["status"] == "failed"
     assert row["error"]["type"] == "InvalidOutcome"
@@ -128,7 +128,7 @@ def test_a_taken_child_key_after_the_last_retry_fails_the_run_cleanly(durable, p
 
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0, 0.0, 0.0, 0.0))
     monkeypatch.setattr(durable.store, "commit", flaky)
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     monkeypatch.setattr(durable.store, "commit", real_commit)
     drain(durable)
     run = durable.get_workflow(wid)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from durable_celery import Done, Fail, Retry, Spawn, WorkflowFailed
-from durable_celery.runtime import executor
 from durable_celery.testing import drain
 from tests.integration.support import Recorder, execute_sql, run_row
 
@@ -288,7 +287,7 @@ def test_a_lease_lost_during_compensation_drops_the_late_commit(durable, publish
     assert claimed is not None
     # Another claim at the same seq is refused while the compensation is held.
     assert durable.store.claim(wid, seq, "w-2:2:y") is None
-    assert executor.execute(durable, wid, seq) == "stale"
+    assert durable.executor.execute(wid, seq) == "stale"
 
 
 def test_a_missing_compensation_is_refused_before_anything_runs(durable, db_engine):

@@ -8,7 +8,6 @@ import threading
 import pytest
 
 from durable_celery import Await, Done, InvalidArgument, Sleep
-from durable_celery.runtime import executor
 from durable_celery.testing import drain
 from tests.integration.support import execute_sql, run_row, start_threads, wait_for
 
@@ -39,13 +38,13 @@ def test_a_busy_key_holds_the_second_run_until_the_holder_commits(durable, publi
     b = blocking.start(concurrency_key="acct:7")
     free = blocking.start(concurrency_key="acct:8")
     none = blocking.start()
-    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(a, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
-    assert executor.execute(durable, b, 0) == "stale"  # key busy: dropped, still runnable
+    assert durable.executor.execute(b, 0) == "stale"  # key busy: dropped, still runnable
     assert run_row(db_engine, b)["status"] == "runnable"
     # Other keys and runs without a key are never held.
-    others = start_threads([lambda: executor.execute(durable, free, 0),
-                            lambda: executor.execute(durable, none, 0)])
+    others = start_threads([lambda: durable.executor.execute(free, 0),
+                            lambda: durable.executor.execute(none, 0)])
     assert blocking.entered.acquire(timeout=10) and blocking.entered.acquire(timeout=10)
     # b is not re-sent while it waits (no polling): its next publish is the lost-message floor.
     execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() + interval '1 hour' "
@@ -58,7 +57,7 @@ def test_a_busy_key_holds_the_second_run_until_the_holder_commits(durable, publi
     # The holder's commit handed the key to b: due for the dispatcher now.
     assert durable.coordinator().dispatcher.run_once() == 1
     assert [m.args for m in published.sent] == [[b, 0]]
-    assert executor.execute(durable, b, 0) == "committed"
+    assert durable.executor.execute(b, 0) == "committed"
     assert durable.wait_result(b, timeout=5) == b
 
 
@@ -69,7 +68,7 @@ def test_racing_claims_for_one_key_never_both_win(durable, published, db_engine)
     def only(ctx):
         return Done()
 
-    owner = durable._identity().ensure()
+    owner = durable._identity.get().ensure()
     for round_ in range(15):
         ids = [wf.start(concurrency_key=f"race:{round_}") for _ in range(4)]
         barrier = threading.Barrier(len(ids))
@@ -99,7 +98,7 @@ def test_await_and_sleep_release_the_key(durable, published, db_engine):
     sleeping = wf.start({"mode": "sleep"}, concurrency_key="k")
     third = wf.start({"mode": "await"}, concurrency_key="k")
     for wid in (awaiting, sleeping, third):
-        assert executor.execute(durable, wid, 0) == "committed"
+        assert durable.executor.execute(wid, 0) == "committed"
     statuses = [durable.get_workflow(w).status for w in (awaiting, sleeping, third)]
     assert statuses == ["awaiting", "runnable", "awaiting"]
 
@@ -145,16 +144,16 @@ def test_priority_out_of_range_is_a_typed_error(durable, published, bad, db_engi
 
 def test_rabbitmq_priority_is_not_mirrored(make_durable):
     durable = make_durable(broker="amqp://guest:guest@127.0.0.1:5672//")
-    assert durable._broker_priority(9) == 9 and durable._broker_priority(0) == 0
+    assert durable.publisher.broker_priority(9) == 9 and durable.publisher.broker_priority(0) == 0
 
 
 def test_a_busy_run_is_woken_once_the_key_frees(durable, published, blocking, gate, db_engine):
     """End to end through the dispatcher: the waiter is published by the hand-off."""
     a = blocking.start(concurrency_key="acct:9")
     b = blocking.start(concurrency_key="acct:9")
-    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(a, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
-    assert executor.execute(durable, b, 0) == "stale"
+    assert durable.executor.execute(b, 0) == "stale"
     gate.set()
     holder.value()
     published.clear()
@@ -166,9 +165,9 @@ def test_a_key_freed_by_a_cancel_wakes_its_waiter(durable, published, blocking, 
                                                    db_engine):
     a = blocking.start(concurrency_key="acct:10")
     b = blocking.start(concurrency_key="acct:10")
-    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(a, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
-    assert executor.execute(durable, b, 0) == "stale"
+    assert durable.executor.execute(b, 0) == "stale"
     assert durable.cancel_workflow(a, "cancel-a")["changed"] is True
     # b was published moments ago: the safety net leaves it alone for `quiet` seconds...
     assert durable.store.wake_free_keys(100, quiet=5.0) == 0
@@ -181,14 +180,14 @@ def test_a_key_freed_by_a_cancel_wakes_its_waiter(durable, published, blocking, 
     assert durable.store.wake_free_keys(100, quiet=5.0) == 0
     gate.set()
     assert holder.value() == "lease_lost"
-    assert executor.execute(durable, b, 0) == "committed"
+    assert durable.executor.execute(b, 0) == "committed"
 
 
 def test_the_net_ignores_keys_that_are_held_or_already_due(durable, published, blocking, gate,
                                                            db_engine):
     a = blocking.start(concurrency_key="acct:11")
     b = blocking.start(concurrency_key="acct:11")
-    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(a, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
     assert durable.store.wake_free_keys(100, quiet=0.0) == 0  # held by a
     gate.set()
@@ -208,15 +207,15 @@ def test_waiters_take_the_key_in_order_no_newcomer_jumps_the_queue(durable, publ
 
     a, b, c = (wf.start(concurrency_key="q") for _ in range(3))
     urgent = wf.start(concurrency_key="q", priority=9)
-    assert executor.execute(durable, a, 0) == "stale"  # urgent is ahead of everyone
-    assert executor.execute(durable, urgent, 0) == "committed"
+    assert durable.executor.execute(a, 0) == "stale"  # urgent is ahead of everyone
+    assert durable.executor.execute(urgent, 0) == "committed"
     # c's message arrives first, but a and b have waited longer.
-    assert executor.execute(durable, c, 0) == "stale"
-    assert executor.execute(durable, b, 0) == "stale"
-    assert executor.execute(durable, a, 0) == "committed"
-    assert executor.execute(durable, c, 0) == "stale"
-    assert executor.execute(durable, b, 0) == "committed"
-    assert executor.execute(durable, c, 0) == "committed"
+    assert durable.executor.execute(c, 0) == "stale"
+    assert durable.executor.execute(b, 0) == "stale"
+    assert durable.executor.execute(a, 0) == "committed"
+    assert durable.executor.execute(c, 0) == "stale"
+    assert durable.executor.execute(b, 0) == "committed"
+    assert durable.executor.execute(c, 0) == "committed"
     assert {durable.get_workflow(w).status for w in (a, b, c, urgent)} == {"done"}
 
 
@@ -254,7 +253,7 @@ def test_a_key_holders_end_hands_the_key_to_a_waiting_compensation(durable, publ
     wait for it. H's commit hands the key to A's compensation, which goes first."""
     saga = declare_saga(durable)
     h = blocking.start(concurrency_key="acct:3")
-    holder = start_threads([lambda: executor.execute(durable, h, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(h, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
     n = saga.start({}, concurrency_key="acct:3")
     a = saga.start({}, concurrency_key="acct:3")
@@ -265,8 +264,8 @@ def test_a_key_holders_end_hands_the_key_to_a_waiting_compensation(durable, publ
     assert holder.value() == "committed"
     assert run_row(db_engine, a)["dispatch_at"] <= run_row(db_engine, a)["updated_at"]
     assert run_row(db_engine, n)["dispatch_at"] > run_row(db_engine, n)["updated_at"]
-    assert executor.execute(durable, n, 0) == "stale"  # the compensation is ahead
-    assert executor.execute(durable, a, 2) == "committed"
+    assert durable.executor.execute(n, 0) == "stale"  # the compensation is ahead
+    assert durable.executor.execute(a, 2) == "committed"
     assert durable.get_workflow(a).status == "compensated"
     drain(durable)
     assert durable.wait_result(n, timeout=5) == "paid"
@@ -276,7 +275,7 @@ def test_a_waiting_compensation_is_woken_when_a_cancel_frees_the_key(durable, pu
                                                                      blocking, gate, db_engine):
     saga = declare_saga(durable)
     h = blocking.start(concurrency_key="acct:4")
-    holder = start_threads([lambda: executor.execute(durable, h, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(h, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
     a = saga.start({}, concurrency_key="acct:4")
     make_compensating(db_engine, a)
@@ -302,9 +301,9 @@ def test_a_locked_waiter_never_blocks_a_coordinator_pass(durable, published, blo
     monkeypatch.setattr(sweeps, "KEY_QUIET", 0.0)
     a = blocking.start(concurrency_key="acct:12")
     b = blocking.start(concurrency_key="acct:12")
-    holder = start_threads([lambda: executor.execute(durable, a, 0)])[0]
+    holder = start_threads([lambda: durable.executor.execute(a, 0)])[0]
     assert blocking.entered.acquire(timeout=10)
-    assert executor.execute(durable, b, 0) == "stale"
+    assert durable.executor.execute(b, 0) == "stale"
     durable.cancel_workflow(a, "cancel-a")
     gate.set()
     holder.value()

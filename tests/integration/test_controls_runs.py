@@ -16,7 +16,6 @@ from durable_celery.errors import (
     IdempotencyConflict,
     NoTarget,
 )
-from durable_celery.runtime.executor import execute
 from durable_celery.testing import drain
 from tests.integration.support import Worker, execute_sql, rows, run_row, scalar
 
@@ -74,7 +73,7 @@ def test_cancel_a_runnable_run(durable, published, db_engine):
     assert len(published) == 0
     assert durable.get_workflow(wid).status == "cancelled"
 
-    assert execute(durable, wid, 0) == "stale"  # the message already in the broker
+    assert durable.executor.execute(wid, 0) == "stale"  # the message already in the broker
     drain(durable)
     assert calls == [] and history(db_engine, wid) == []
     assert run_row(db_engine, wid)["status"] == "cancelled"
@@ -153,7 +152,7 @@ def test_cancel_racing_a_step_commit_the_commit_loses(durable, published, db_eng
     wid = wf.start({"v": 0})
     lost_before = durable.stats().get("lease_lost", 0)
     steps_before = durable.stats().get("steps", 0)
-    runner = Worker(lambda: execute(durable, wid, 0))
+    runner = Worker(lambda: durable.executor.execute(wid, 0))
     runner.start()
     assert entered.wait(10)
     assert run_row(db_engine, wid)["status"] == "executing"
@@ -231,7 +230,7 @@ def test_cancelled_sleeping_run_never_wakes(durable, published, db_engine):
     # Its due time passes: timers collapsed, the dispatcher sweeps, the old message arrives.
     drain(durable, collapse_timers=True)
     durable.coordinator().run_once()
-    assert execute(durable, wid, 1) == "stale"
+    assert durable.executor.execute(wid, 1) == "stale"
     assert calls == [] and published.for_run(wid) == []
     after = run_row(db_engine, wid)
     assert (after["status"], after["seq"]) == ("cancelled", 1)
@@ -262,7 +261,7 @@ def test_resume_a_failed_run_then_it_completes(durable, published, db_engine):
     sent = published.for_run(wid)
     assert [(m.name, m.args) for m in sent] == [("durable.chain.b", [wid, seq_before])]
 
-    assert execute(durable, wid, seq_before) == "committed"
+    assert durable.executor.execute(wid, seq_before) == "committed"
     drain(durable)
     assert durable.wait_result(wid, timeout=5) == ["a", "b", "c"]
     assert [c for c in calls if c[0] == wid][-2:] == [(wid, "b", 0), (wid, "c", 0)]

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from durable_celery import Done, InvalidArgument, InvalidSchedule, ScheduleNotFound, UnknownWorkflow
 from durable_celery.cli import main
-from durable_celery.coordinator.cron import CronSweep
 from durable_celery.testing import drain
 from tests.integration.support import execute_sql, rows, scalar, start_threads
 
@@ -46,7 +45,7 @@ def test_a_due_occurrence_fires_once(durable, published, report, db_engine):
     s = durable.schedule("nightly", report, cron="0 * * * *", state={"k": 1})
     assert s.workflow == "report" and s.catchup == "latest" and not s.paused
     place(db_engine, "nightly", T0)
-    sweep = CronSweep(durable)
+    sweep = durable.coordinator().cron
     assert sweep.run_once(T0 - timedelta(seconds=1)) == 0
     assert sweep.run_once(T0 + timedelta(seconds=1)) == 1
     assert sweep.run_once(T0 + timedelta(seconds=2)) == 0
@@ -76,7 +75,7 @@ def test_two_coordinators_racing_never_fire_an_occurrence_twice(make_durable, re
     published = recorder(*durables)
     durables[0].schedule("nightly", "report", cron="* * * * * *", catchup="all")
     place(db_engine, "nightly", T0)
-    sweeps = [CronSweep(d) for d in durables]
+    sweeps = [d.coordinator().cron for d in durables]
     for second in range(1, 21):
         now = T0 + timedelta(seconds=second)
         barrier = threading.Barrier(2)
@@ -97,7 +96,7 @@ def test_the_occurrence_id_makes_firing_idempotent_beyond_the_lock(durable, publ
     """A sweep that read a stale next_fire_at (e.g. restored) starts nothing twice."""
     durable.schedule("nightly", report, cron="0 * * * *")
     place(db_engine, "nightly", T0)
-    sweep = CronSweep(durable)
+    sweep = durable.coordinator().cron
     assert sweep.run_once(T0) == 1
     place(db_engine, "nightly", T0)  # as if the advance had been lost
     assert sweep.run_once(T0) == 0
@@ -113,7 +112,7 @@ def test_catchup_after_downtime(durable, published, report, db_engine, mode, exp
     durable.schedule("nightly", report, cron="0 * * * *", catchup=mode)
     place(db_engine, "nightly", datetime(2026, 6, 1, 10, tzinfo=UTC))
     now = datetime(2026, 6, 1, 15, 20, tzinfo=UTC)
-    CronSweep(durable).run_once(now)
+    durable.coordinator().cron.run_once(now)
     assert [r.split("T")[1][:5] for r in cron_runs(db_engine)] == expected
     [schedule] = durable.list_schedules()
     assert schedule.next_fire_at == datetime(2026, 6, 1, 16, tzinfo=UTC)
@@ -124,7 +123,7 @@ def test_paused_schedules_fire_nothing_and_resume_skips_the_missed(durable, publ
     durable.schedule("nightly", report, cron="* * * * * *")
     assert durable.pause_schedule("nightly").paused
     place(db_engine, "nightly", T0)
-    sweep = CronSweep(durable)
+    sweep = durable.coordinator().cron
     for second in range(5):
         assert sweep.run_once(T0 + timedelta(seconds=second)) == 0
     assert cron_runs(db_engine) == []
@@ -184,7 +183,7 @@ def test_a_coordinator_without_the_code_fires_from_the_stored_definition(
     bare = make_durable()  # knows no workflows, like `durable-celery coordinator`
     published = recorder(bare)
     place(db_engine, "nightly", T0)
-    assert CronSweep(bare).run_once(T0) == 1
+    assert bare.coordinator().cron.run_once(T0) == 1
     assert [m.name for m in published.sent] == ["durable.report.build"]
 
 
@@ -238,7 +237,7 @@ def test_the_database_clock_decides_not_the_hosts(durable, published, report, db
     soon = db_now + timedelta(seconds=30)
     place(db_engine, "skewed", soon)
     monkeypatch.setattr(cron, "_now", lambda: datetime.now(UTC) + timedelta(seconds=60))
-    sweep = CronSweep(durable)
+    sweep = durable.coordinator().cron
     assert sweep.run_once() == 0
     assert cron_runs(db_engine, "skewed") == []
     assert 25 < sweep.seconds_to_next() <= 30

@@ -26,7 +26,7 @@ def declare_one_step(durable):
 def start_unpublished(durable, wf, monkeypatch, count=1):
     """Start runs whose first message is lost between the commit and the broker."""
     with monkeypatch.context() as patch:
-        patch.setattr(durable, "_publish", lambda dispatch: None)
+        patch.setattr(durable.publisher, "publish", lambda dispatch: None)
         return [wf.start({"i": i}) for i in range(count)]
 
 

@@ -30,7 +30,7 @@ def test_a_child_forked_during_a_database_wait_can_work(database_url):
         done = threading.Event()
 
         def hold_locks() -> None:
-            with durable._ident_lock, durable._holder._lock:
+            with durable._identity._lock, durable._holder._lock:
                 held.set()
                 done.wait(10)
 
@@ -41,10 +41,10 @@ def test_a_child_forked_during_a_database_wait_can_work(database_url):
         if pid == 0:  # the child: every lock free, the database usable once it answers
             code = 1
             try:
-                proxy_ok = durable._ident_lock.acquire(timeout=2) and \
+                proxy_ok = durable._identity._lock.acquire(timeout=2) and \
                     durable._holder._lock.acquire(timeout=2)
                 if proxy_ok:
-                    durable._ident_lock.release()
+                    durable._identity._lock.release()
                     durable._holder._lock.release()
                     os.environ["DURABLE_TEST_CHILD"] = "1"
                     code = 0
@@ -61,9 +61,9 @@ def test_a_child_forked_during_a_database_wait_can_work(database_url):
         if pid == 0:
             code = 1
             try:
-                durable._ensure_ready()
-                durable._identity().ensure()
-                durable._release_identity()
+                durable.ensure_ready()
+                durable._identity.get().ensure()
+                durable._identity.release()
                 code = 0
             except errors.DurableCeleryError:
                 code = 2

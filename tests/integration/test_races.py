@@ -22,8 +22,6 @@ import redis
 
 from durable_celery import Await, Done
 from durable_celery.errors import NoTarget
-from durable_celery.runtime import executor
-from durable_celery.runtime.executor import execute, run_claimed
 from durable_celery.storage import store as store_mod
 from durable_celery.storage import sweeps as sweeps_mod
 from durable_celery.testing import drain
@@ -162,7 +160,7 @@ def test_a_signal_arriving_inside_the_park_transaction_wakes_the_run(durable, pu
     hooks_on(durable, monkeypatch).after(
         store_mod.COMMIT, blocked_behind_lock(db_engine, signalling, "the signal to block"))
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     result = signalling.value()
     assert (result.duplicate, result.woke) == (False, True)
     row = run_row(db_engine, wid)
@@ -170,7 +168,7 @@ def test_a_signal_arriving_inside_the_park_transaction_wakes_the_run(durable, pu
     assert sent(published) == [("durable.parker.after", [wid, 1])]
     assert durable.coordinator().dispatcher.run_once() == 0
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert seen == [([("go", "mid-park")], False)]
     assert [(s["consumed"], s["consumed_seq"]) for s in signal_rows(db_engine, wid)] == [(True, 2)]
 
@@ -203,11 +201,11 @@ def test_a_reawait_wakes_on_a_signal_sent_while_the_step_ran_and_not_on_a_seen_o
     entered, gate = threading.Event(), threading.Event()
     wf = declare_reawaiter(durable, seen, entered, gate)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert durable.signal(wid, "tick", 1, dedup_key="t1").woke is True
     published.clear()
 
-    running = Worker(lambda: execute(durable, wid, 1), name="again")
+    running = Worker(lambda: durable.executor.execute(wid, 1), name="again")
     running.start()
     assert entered.wait(5)  # `again` runs, having seen tick 1
     redelivered = durable.signal(wid, "tick", 1, dedup_key="t1")  # a sender's retry
@@ -221,7 +219,7 @@ def test_a_reawait_wakes_on_a_signal_sent_while_the_step_ran_and_not_on_a_seen_o
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["seq"]) == ("runnable", "last", 2)
     assert sent(published) == [("durable.reawait_race.last", [wid, 2])]
-    assert execute(durable, wid, 2) == "committed"
+    assert durable.executor.execute(wid, 2) == "committed"
     assert seen == [[1], [2]]
     assert durable.wait_result(wid, timeout=1) == [2]
     assert [(s["payload"], s["consumed_seq"]) for s in signal_rows(db_engine, wid)] == [
@@ -235,7 +233,7 @@ def test_a_seen_signal_resent_inside_the_reawait_transaction_does_not_wake_it(
     gate.set()
     wf = declare_reawaiter(durable, seen, entered, gate)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert durable.signal(wid, "tick", 1, dedup_key="t1").woke is True
     published.clear()
 
@@ -244,7 +242,7 @@ def test_a_seen_signal_resent_inside_the_reawait_transaction_does_not_wake_it(
     resent = Worker(lambda: durable.signal(wid, "tick", 1, dedup_key="t1"), name="resend")
     hooks_on(durable, monkeypatch).after(
         store_mod.COMMIT, blocked_behind_lock(db_engine, resent, "the resend to block"))
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     result = resent.value()
     assert (result.duplicate, result.woke) == (True, False)
 
@@ -252,11 +250,11 @@ def test_a_seen_signal_resent_inside_the_reawait_transaction_does_not_wake_it(
     assert (row["status"], row["step"], row["seq"]) == ("awaiting", "last", 2)
     assert published.sent == []
     assert durable.coordinator().dispatcher.run_once() == 0
-    assert execute(durable, wid, 2) == "stale"
+    assert durable.executor.execute(wid, 2) == "stale"
     assert seen == [[1]]
 
     assert durable.signal(wid, "tick", 2, dedup_key="t2").woke is True
-    assert execute(durable, wid, 2) == "committed"
+    assert durable.executor.execute(wid, 2) == "committed"
     assert seen == [[1], [2]]
     assert [(s["payload"], s["consumed_seq"]) for s in signal_rows(db_engine, wid)] == [
         (1, 2), (2, 3)]
@@ -280,7 +278,7 @@ def test_a_signal_to_a_run_running_its_last_step_is_kept_and_the_result_is_intac
     entered, gate = threading.Event(), threading.Event()
     wf = declare_finisher(durable, entered, gate)
     wid = wf.start({"n": 7}, key="order:7")
-    running = Worker(lambda: execute(durable, wid, 0), name="last-step")
+    running = Worker(lambda: durable.executor.execute(wid, 0), name="last-step")
     running.start()
     assert entered.wait(5)
 
@@ -308,7 +306,7 @@ def test_a_signal_queued_behind_the_final_commit_is_refused(durable, published, 
     wf = declare_finisher(durable, entered, gate)
     wid = wf.start({"n": 1}, key="order:1")
     target = wid if by == "workflow_id" else "order:1"
-    finishing = Worker(lambda: execute(durable, wid, 0), name="final-commit")
+    finishing = Worker(lambda: durable.executor.execute(wid, 0), name="final-commit")
     signalling = Worker(lambda: durable.signal(target, "go", "raced"), name="signal")
     finishing.start()
     assert entered.wait(5)  # claimed; the last step is running
@@ -332,7 +330,7 @@ def test_a_signal_racing_the_await_deadline_wakes_the_run_once(durable, publishe
     seen: list = []
     wf = declare_parker(durable, seen, timeout=60)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     execute_sql(db_engine, "UPDATE {S}.runs SET await_deadline = now() - interval '1 second' "
                            "WHERE id = :id", id=wid)
     published.clear()
@@ -353,7 +351,7 @@ def test_a_signal_racing_the_await_deadline_wakes_the_run_once(durable, publishe
     assert dispatcher.run_once() == 0
     assert sent(published) == [("durable.parker.after", [wid, 1])]
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     inbox = signal_rows(db_engine, wid)
     if order == "signal_first":
         assert seen == [([("go", "in time")], False)]
@@ -397,7 +395,7 @@ def test_two_claims_of_one_message_run_the_step_once(make_durable, db_engine, re
     # The message was delivered twice (a redelivery after a visibility timeout): both
     # workers' claims queue behind the row lock and are let go together.
     with row_locked(db_engine, wid):
-        claims = start_threads([lambda: execute(one, wid, 0), lambda: execute(two, wid, 0)])
+        claims = start_threads([lambda: one.executor.execute(wid, 0), lambda: two.executor.execute(wid, 0)])
         wait_for(lambda: lock_waiters(db_engine) >= 2, what="both claims to block")
     outcomes = sorted(t.value() for t in claims)
 
@@ -437,12 +435,12 @@ def test_a_claim_racing_the_redispatch_of_its_message_runs_the_step_once(
     effects: list = []
     wf = declare_counted(durable, effects)
     with monkeypatch.context() as patch:
-        patch.setattr(durable, "_publish", lambda dispatch: None)  # the first message is slow
+        patch.setattr(durable.publisher, "publish", lambda dispatch: None)  # the first message is slow
         wid = wf.start()
     execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() - interval '1 second' "
                            "WHERE id = :id", id=wid)
     dispatcher = durable.coordinator().dispatcher
-    claiming = Worker(lambda: execute(durable, wid, 0), name="original-message")
+    claiming = Worker(lambda: durable.executor.execute(wid, 0), name="original-message")
     with row_locked(db_engine, wid):
         claiming.start()
         wait_for(lambda: lock_waiters(db_engine) >= 1, what="the claim to block")
@@ -482,16 +480,16 @@ def test_a_redelivered_claim_during_the_reclaim_is_dropped_and_the_step_runs_onc
     published.clear()
     during: list[str] = []
     hooks_on(one, monkeypatch).after(sweeps_mod.REAP,
-                                     lambda: during.append(execute(two, wid, 0)))
+                                     lambda: during.append(two.executor.execute(wid, 0)))
 
     assert one.coordinator().reaper.run_once() == 1
     assert during == ["stale"]
     assert effects == []
     assert sent(published) == [("durable.counted.charge", [wid, 0])]  # the reaper's message
 
-    assert execute(two, wid, 0) == "committed"
-    assert execute(one, wid, 0) == "stale"  # any further copy of it
-    assert execute(one, wid, 1) == "committed"
+    assert two.executor.execute(wid, 0) == "committed"
+    assert one.executor.execute(wid, 0) == "stale"  # any further copy of it
+    assert one.executor.execute(wid, 1) == "committed"
     assert effects == [(wid, 1)]
     assert one.wait_result(wid, timeout=1) == {"charged_at_attempt": 1}
     assert [(s.seq, s.attempt) for s in one.workflow_steps(wid)] == [(1, 1), (2, 0)]
@@ -518,7 +516,7 @@ def test_a_claim_in_flight_is_not_taken_by_the_reaper(make_durable, db_engine, r
     assert reaper.run_once() == 0
     assert run_row(db_engine, wid)["owner"] == LATE
 
-    assert run_claimed(two, claim, LATE, started_at) == "committed"
+    assert two.executor.run_claimed(claim, LATE, started_at) == "committed"
     assert [(s.seq, s.attempt, s.worker) for s in two.workflow_steps(wid)] == [(1, 0, LATE)]
 
 
@@ -535,11 +533,11 @@ def test_a_late_commit_waiting_on_the_reaper_is_dropped(make_durable, db_engine,
     wid = wf.start({"order": 5})
     add_worker(two, db_engine, DEAD, heartbeat_age=3600)
     claim, started_at = two.store.claim(wid, 0, DEAD)
-    frozen = Worker(lambda: run_claimed(two, claim, DEAD, started_at), name="frozen")
+    frozen = Worker(lambda: two.executor.run_claimed(claim, DEAD, started_at), name="frozen")
     frozen.start()
     assert entered.wait(5)
     age_claims(db_engine, DEAD)
-    lost_before = executor.counters["lease_lost"]
+    lost_before = two.stats().get("lease_lost", 0)
     published.clear()
 
     def wake_the_frozen_worker():
@@ -549,7 +547,7 @@ def test_a_late_commit_waiting_on_the_reaper_is_dropped(make_durable, db_engine,
     hooks_on(one, monkeypatch).after(sweeps_mod.REAP, wake_the_frozen_worker)
     assert one.coordinator().reaper.run_once() == 1
     assert frozen.value() == "lease_lost"
-    assert executor.counters["lease_lost"] - lost_before == 1
+    assert two.stats().get("lease_lost", 0) - lost_before == 1
 
     row = run_row(db_engine, wid)
     assert (row["status"], row["seq"], row["attempt"], row["owner"]) == ("runnable", 0, 1, None)
@@ -557,8 +555,8 @@ def test_a_late_commit_waiting_on_the_reaper_is_dropped(make_durable, db_engine,
     assert one.workflow_steps(wid) == []
     assert sent(published) == [("durable.counted.charge", [wid, 0])]
 
-    assert execute(one, wid, 0) == "committed"
-    assert execute(one, wid, 1) == "committed"
+    assert one.executor.execute(wid, 0) == "committed"
+    assert one.executor.execute(wid, 1) == "committed"
     assert effects == [(wid, 0), (wid, 1)]
     assert one.wait_result(wid, timeout=1) == {"charged_at_attempt": 1}
     history = one.workflow_steps(wid)
@@ -609,7 +607,7 @@ def test_two_coordinators_sweeping_at_once_dispatch_reclaim_and_collect_each_row
     lost, parked = declare_sweepable(one)
     declare_sweepable(two)
     with monkeypatch.context() as patch:  # set the rows up without any message
-        patch.setattr(one, "_publish_many", lambda dispatches: len(dispatches))
+        patch.setattr(one.publisher, "publish_many", lambda dispatches: len(dispatches))
         expired = [parked.start() for _ in range(30)]
         collectable = [lost.start() for _ in range(30)]
         drain(one)

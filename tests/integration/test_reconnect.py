@@ -63,7 +63,7 @@ def test_terminated_pool_connections_are_replaced_at_checkout(durable, published
 
 
 def test_a_connection_lost_mid_transaction_is_a_transient_error(durable, db_engine):
-    durable._ensure_ready()
+    durable.ensure_ready()
     with pytest.raises(errors.StorageError) as caught, durable._holder.begin() as conn:
         pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         terminate(db_engine, {pid})
@@ -83,7 +83,7 @@ def test_a_connection_lost_under_a_claim_is_transient_and_replaced(durable, publ
         return {"ok": True}
 
     wid = wf.start()
-    worker = durable._identity().ensure()
+    worker = durable._identity.get().ensure()
     with durable._holder.raw() as conn:  # the connection the claim will check out next
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         # Terminated while checked out: the checkout poll cannot see it; the claim fails.
@@ -105,7 +105,6 @@ def test_a_connection_lost_under_a_claim_is_transient_and_replaced(durable, publ
 
 def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, published, db_engine,
                                                                 monkeypatch):
-    from durable_celery.runtime.executor import execute
     from tests.integration.support import run_row
 
     wf = durable.workflow("lost_answer")
@@ -117,7 +116,7 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
     wid, other = wf.start(), wf.start()
     real_claim = durable.store.claim
     # This test hands the leases back itself, step by step: no background orphan thread.
-    monkeypatch.setattr(durable._identity(), "_tend_orphans", lambda: None)
+    monkeypatch.setattr(durable._identity.get(), "_tend_orphans", lambda: None)
 
     def lands_then_fails(*args, **kwargs):
         real_claim(*args, **kwargs)  # committed on the server...
@@ -125,11 +124,11 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
 
     monkeypatch.setattr(durable.store, "claim", lands_then_fails)
     with pytest.raises(errors.StorageError):
-        execute(durable, wid, 0)
+        durable.executor.execute(wid, 0)
     monkeypatch.setattr(durable.store, "claim", real_claim)
     row = run_row(db_engine, wid)
     assert row["status"] == "executing"  # held by this live process, which knows nothing
-    assert row["owner"] == durable._identity().id
+    assert row["owner"] == durable._identity.get().id
 
     # A claim that failed before landing: its lease releases nothing.
     def fails(*args, **kwargs):
@@ -137,10 +136,10 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
 
     monkeypatch.setattr(durable.store, "claim", fails)
     with pytest.raises(errors.StorageError):
-        execute(durable, other, 0)
+        durable.executor.execute(other, 0)
     monkeypatch.setattr(durable.store, "claim", real_claim)
 
-    durable._identity()._release_orphans()  # what the orphan thread does next
+    durable._identity.get()._release_orphans()  # what the orphan thread does next
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"], row["lease"]) == ("runnable", None, None)
     assert run_row(db_engine, other)["status"] == "runnable"
@@ -149,5 +148,5 @@ def test_a_claim_whose_answer_is_lost_is_released_by_its_lease(durable, publishe
     # dispatcher's next pass, not after redispatch_after.
     assert durable.coordinator().dispatcher.run_once() == 2
     assert published.for_run(wid) and published.for_run(other)
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert run_row(db_engine, wid)["status"] == "done"

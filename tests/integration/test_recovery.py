@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from durable_celery import Done, WorkflowFailed
-from durable_celery.storage.store import Transition
+from durable_celery.storage.records import Transition
 from durable_celery.testing import drain
 from tests.integration.support import (
     Recorder,
@@ -194,7 +194,7 @@ def test_close_leaves_no_worker_row_and_no_connection_behind(make_durable, db_en
     Recorder().install(durable, monkeypatch)
     wf = declare_work(durable, [])
     assert durable.get_workflow(wf.start()).status == "runnable"
-    identity = durable._identity()
+    identity = durable._identity.get()
     worker_id = identity.ensure()
 
     in_beat, release = threading.Event(), threading.Event()
@@ -363,7 +363,7 @@ def test_heartbeats_go_on_while_an_orphan_release_waits_on_a_lock(make_durable, 
     recorder(durable)
     wf = declare_work(durable, [])
     x, y = wf.start({}), wf.start({})
-    identity = durable._identity()
+    identity = durable._identity.get()
     me = identity.ensure()
     claim_x, _ = durable.store.claim(x, 0, me)
     assert durable.store.claim(y, 0, me) is not None

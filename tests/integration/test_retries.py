@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from durable_celery import Done, Retry, WorkflowFailed
-from durable_celery.runtime.executor import execute
 from durable_celery.testing import drain
 from tests.integration.support import execute_sql, rows, run_row, seconds
 
@@ -41,7 +40,7 @@ def test_retry_is_committed_and_survives_a_worker_restart(durable, make_durable,
     wid = wf.start({"order": 42})
     published.clear()
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert row["status"] == "runnable"
     assert row["attempt"] == 1
@@ -82,7 +81,7 @@ def test_backoff_is_visible_in_eligible_at(durable, published, db_engine, backof
 
     delays = []
     for seq in range(3):
-        assert execute(durable, wid, seq) == "committed"
+        assert durable.executor.execute(wid, seq) == "committed"
         row = run_row(db_engine, wid)
         assert (row["status"], row["attempt"]) == ("runnable", seq + 1)
         delays.append(seconds(row["eligible_at"] - row["updated_at"]))
@@ -96,7 +95,7 @@ def test_jitter_stays_between_half_and_full_delay(durable, published, db_engine)
         "max_attempts": 10, "backoff": "constant", "delay": 100, "jitter": True})
     wids = [wf.start({"order": i}) for i in range(8)]
     for wid in wids:
-        assert execute(durable, wid, 0) == "committed"
+        assert durable.executor.execute(wid, 0) == "committed"
     delays = [seconds(r["eligible_at"] - r["updated_at"]) for r in map(
         lambda w: run_row(db_engine, w), wids)]
     assert all(50 <= d <= 100 for d in delays), delays
@@ -143,7 +142,7 @@ def test_retry_outcome_with_delay(durable, published, db_engine):
 
     wid = wf.start()
     published.clear()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert (row["status"], row["attempt"], row["state"]) == ("runnable", 1, {"polls": 1})
     assert seconds(row["eligible_at"] - row["updated_at"]) == pytest.approx(7.0, abs=1e-3)

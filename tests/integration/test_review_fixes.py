@@ -46,7 +46,7 @@ def test_a_commit_that_landed_before_the_connection_dropped_carries_on(durable, 
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0,))
     monkeypatch.setattr(durable.store, "commit", commits_then_drops)
     # first -> second is a run-ahead: the commit kept our claim; we must carry on with it.
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert durable.wait_result(wid, timeout=1) == 1
     assert effects == ["first", "second"]
     assert [s.step for s in durable.workflow_steps(wid)] == ["first", "second"]
@@ -65,7 +65,7 @@ def test_a_step_raising_a_base_exception_hands_the_run_back(durable, published, 
 
     wid = wf.start()
     with pytest.raises(Interrupted):
-        executor.execute(durable, wid, 0)
+        durable.executor.execute(wid, 0)
     row = run_row(db_engine, wid)
     assert (row["status"], row["owner"], row["lease"]) == ("runnable", None, None)
     drain(durable)
@@ -145,7 +145,7 @@ def test_the_dispatcher_stops_at_the_first_broker_failure(durable, db_engine, mo
     def only(ctx):
         return Done()
 
-    monkeypatch.setattr(durable, "_publish", lambda dispatch: True)  # started, never sent
+    monkeypatch.setattr(durable.publisher, "publish", lambda dispatch: True)  # started, never sent
     ids = [wf.start() for _ in range(5)]
     execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() - interval '1 second'")
     calls = []

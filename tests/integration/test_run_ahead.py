@@ -3,8 +3,6 @@ per step, no broker hop); ``run_ahead=False`` publishes every step."""
 
 from __future__ import annotations
 
-from durable_celery.runtime import executor
-from durable_celery.runtime.executor import execute
 from tests.integration.support import rows, run_row
 
 
@@ -28,9 +26,9 @@ def declare_pipeline(durable, *, run_ahead=None):
 def test_pipeline_runs_as_one_claim(durable, published, db_engine):
     wf = declare_pipeline(durable)
     wid = wf.start()
-    ahead_before = executor.counters["run_ahead"]
+    ahead_before = durable.stats().get("run_ahead", 0)
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
 
     assert [(m.name, m.args) for m in published.sent] == [("durable.five.s1", [wid, 0])]
     history = rows(db_engine, "SELECT seq, step, outcome, worker FROM {S}.steps "
@@ -39,7 +37,7 @@ def test_pipeline_runs_as_one_claim(durable, published, db_engine):
         (1, "s1", "next"), (2, "s2", "next"), (3, "s3", "next"), (4, "s4", "next"),
         (5, "s5", "done")]
     assert len({h["worker"] for h in history}) == 1
-    assert executor.counters["run_ahead"] - ahead_before == 4
+    assert durable.stats().get("run_ahead", 0) - ahead_before == 4
     assert run_row(db_engine, wid)["seq"] == 5
     assert durable.wait_result(wid, timeout=1) == ["s1", "s2", "s3", "s4", "s5"]
 
@@ -49,7 +47,7 @@ def test_run_ahead_false_publishes_every_step(durable, published, db_engine):
     wid = wf.start()
 
     for seq in range(5):
-        assert execute(durable, wid, seq) == "committed"
+        assert durable.executor.execute(wid, seq) == "committed"
         row = run_row(db_engine, wid)  # one step per message, never two
         assert (row["seq"], row["status"]) == (seq + 1, "runnable" if seq < 4 else "done")
 

@@ -4,7 +4,6 @@ the transition's choice wins. Every opt-out publishes a message for the next ste
 from __future__ import annotations
 
 from durable_celery import Done, Next
-from durable_celery.runtime.executor import execute
 from tests.integration.support import run_row
 
 
@@ -25,7 +24,7 @@ def declare(durable, *, wf_ahead=None, step_ahead=None, next_ahead=None):
 def hops(durable, published, wid) -> list[str]:
     """Run the first message; the names of the messages published after it."""
     published.clear()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     return published.names()
 
 
@@ -40,7 +39,7 @@ def test_next_run_ahead_false_publishes(durable, published, db_engine):
     assert hops(durable, published, wid) == ["durable.hop.second"]
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["seq"]) == ("runnable", "second", 1)
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert durable.wait_result(wid, timeout=1) == 0
 
 
@@ -63,7 +62,7 @@ def test_setting_off_beats_next_run_ahead_true(make_durable, db_engine):
     durable.app.send_task = recorder  # instance attribute, dropped with the app
     wid = declare(durable, next_ahead=True).start()
     recorder.clear()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert recorder.names() == ["durable.hop.second"]
 
 
@@ -79,6 +78,6 @@ def test_a_bad_run_ahead_value_fails_the_run(durable, published):
         return None
 
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     run = durable.get_workflow(wid)
     assert run.status == "failed" and "run_ahead" in run.error["message"]

@@ -305,7 +305,7 @@ def test_landed_does_not_run_ahead_on_a_claim_someone_else_holds(durable, publis
 
     monkeypatch.setattr(durable.store, "commit", flaky)
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0,))
-    outcome = executor.execute(durable, wid, 0)
+    outcome = durable.executor.execute(wid, 0)
     assert ran == ["one"], f"this worker also ran {ran[1:]} under another worker's claim"
     assert outcome == "committed"
     assert run_row(db_engine, wid)["owner"] == "other-worker"
@@ -344,7 +344,7 @@ def test_landed_after_a_spawn_commit_does_not_double_insert_or_double_count(
 
     monkeypatch.setattr(durable.store, "commit", flaky)
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0,))
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert scalar(db_engine, "SELECT count(*) FROM {S}.runs WHERE parent_id = :p", p=wid) == 2
     assert run_row(db_engine, wid)["children_pending"] == 2
     monkeypatch.setattr(durable.store, "commit", real)
@@ -385,7 +385,7 @@ def test_a_delayed_compensation_retry_wakes_the_dispatchers(durable, published, 
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute(f"LISTEN {WAKEUP_CHANNEL}")
         seq = run_row(db_engine, wid)["seq"]
-        assert executor.execute(durable, wid, seq) == "committed"
+        assert durable.executor.execute(wid, seq) == "committed"
         row = run_row(db_engine, wid)
         assert row["status"] == "compensating" and row["attempt"] == 1
         notified = list(listener.notifies(timeout=1.0, stop_after=1))
@@ -410,7 +410,7 @@ def test_a_resumed_durable_task_hands_its_concurrency_key_on(durable, published,
 
     a = keyed.apply_async(["first"], concurrency_key="k:t").id
     b = keyed.apply_async(["second"], concurrency_key="k:t").id
-    t = threading.Thread(target=lambda: executor.execute(durable, a, 0))
+    t = threading.Thread(target=lambda: durable.executor.execute(a, 0))
     t.start()
     assert entered.wait(10)
     durable.cancel_workflow(a, "cancel-a")
@@ -586,7 +586,7 @@ def test_a_child_failed_by_the_reaper_counts_once_and_frees_its_slot(make_durabl
         return Done([c.status for c in ctx.children])
 
     wid = bulk.start()
-    executor.execute(durable, wid, 0)
+    durable.executor.execute(wid, 0)
     kids = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
                                              "ORDER BY child_index", p=wid)]
     assert durable.store.claim(kids[0], 0, "ghost-worker") is not None
@@ -644,7 +644,7 @@ def test_children_of_a_landed_spawn_commit_are_published(durable, published, mon
     monkeypatch.setattr(durable.store, "commit", flaky)
     monkeypatch.setattr(executor, "COMMIT_RETRIES", (0.0,))
     published.clear()
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     kids = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
                                              "ORDER BY child_index", p=wid)]
     assert [bool(published.for_run(k)) for k in kids] == [True, True], (

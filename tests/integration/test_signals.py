@@ -8,7 +8,6 @@ import threading
 import pytest
 
 from durable_celery import Await, Done, NoTarget
-from durable_celery.runtime.executor import execute
 from durable_celery.testing import drain
 from tests.integration.support import (
     Worker,
@@ -57,12 +56,12 @@ def test_signal_sent_before_the_park_wakes_at_the_park(durable, published, db_en
     assert (result.workflow_id, result.duplicate, result.woke) == (wid, False, False)
     assert run_row(db_engine, wid)["status"] == "runnable"
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["seq"]) == ("runnable", "after", 1)
     assert [(m.name, m.args) for m in published.sent] == [("durable.parker.after", [wid, 1])]
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert seen == [[("go", {"early": True})]]
     assert durable.wait_result(wid, timeout=1) == [{"early": True}]
     assert [(s["consumed"], s["consumed_seq"]) for s in signal_rows(db_engine, wid)] == [(True, 2)]
@@ -72,7 +71,7 @@ def test_signal_after_the_park_wakes_with_one_message(durable, published, db_eng
     seen: list = []
     wf = declare_parker(durable, seen)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert run_row(db_engine, wid)["status"] == "awaiting"
     published.clear()
 
@@ -83,7 +82,7 @@ def test_signal_after_the_park_wakes_with_one_message(durable, published, db_eng
     assert durable.coordinator().dispatcher.run_once() == 0
     assert len(published) == 1
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert seen == [[("go", 1)]]
     # The second signal was not part of the wake-up: still in the inbox, not lost.
     inbox = signal_rows(db_engine, wid)
@@ -128,7 +127,7 @@ def test_non_matching_names_wait_in_the_inbox(durable, published, db_engine):
         return Done([s.payload for s in ctx.signals])
 
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     published.clear()
 
     assert durable.signal(wid, "b", "bee").woke is False
@@ -136,11 +135,11 @@ def test_non_matching_names_wait_in_the_inbox(durable, published, db_engine):
     assert len(published) == 0
 
     assert durable.signal(wid, "a", "ay").woke is True
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     # The Await("b") finds "b" already in the inbox and wakes at once.
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"]) == ("runnable", "end")
-    assert execute(durable, wid, 2) == "committed"
+    assert durable.executor.execute(wid, 2) == "committed"
 
     assert seen == [["a"], ["b"]]
     assert durable.wait_result(wid, timeout=1) == ["bee"]
@@ -167,17 +166,17 @@ def test_reawaiting_a_consumed_name_does_not_spin(durable, published, db_engine)
         return Done()
 
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     durable.signal(wid, "tick", 1)
     published.clear()
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
 
     # Parked again on the same name: the consumed signal must not wake it.
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["seq"]) == ("awaiting", "last", 2)
     assert len(published) == 0
     assert durable.coordinator().dispatcher.run_once() == 0
-    assert execute(durable, wid, 2) == "stale"
+    assert durable.executor.execute(wid, 2) == "stale"
     assert drain(durable)["steps"] == 0
     assert run_row(db_engine, wid)["seq"] == 2
 
@@ -236,7 +235,7 @@ def test_park_and_signal_racing_wake_the_run_once(durable, published, db_engine,
     wid = wf.start()
     published.clear()
 
-    executing = Worker(lambda: execute(durable, wid, 0), name="park")
+    executing = Worker(lambda: durable.executor.execute(wid, 0), name="park")
     executing.start()
     assert entered.wait(5)  # claimed; the step is running
 
@@ -262,7 +261,7 @@ def test_park_and_signal_racing_wake_the_run_once(durable, published, db_engine,
     assert [(m.name, m.args) for m in published.sent] == [("durable.parker.after", [wid, 1])]
     assert result.woke is (order == "park_first")
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert seen == [[("go", "raced")]]
     assert [s["consumed"] for s in signal_rows(db_engine, wid)] == [True]
 
@@ -271,7 +270,7 @@ def test_concurrent_signals_wake_the_run_once_and_none_is_lost(durable, publishe
     seen: list = []
     wf = declare_parker(durable, seen)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     published.clear()
 
     barrier = threading.Barrier(8)
@@ -286,7 +285,7 @@ def test_concurrent_signals_wake_the_run_once_and_none_is_lost(durable, publishe
     assert [(m.name, m.args) for m in published.sent] == [("durable.parker.after", [wid, 1])]
     assert scalar(db_engine, "SELECT count(*) FROM {S}.signals WHERE run_id = :id", id=wid) == 8
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert len(seen) == 1 and len(seen[0]) >= 1
     inbox = signal_rows(db_engine, wid)
     consumed = sorted(s["payload"] for s in inbox if s["consumed"])

@@ -11,8 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from durable_celery import Await, Done, Fail, Spawn, foreach, parallel
-from durable_celery.runtime import executor
-from durable_celery.storage.store import Transition
+from durable_celery.storage.records import Transition
 from durable_celery.testing import drain
 from tests.integration.support import (
     Recorder,
@@ -135,7 +134,7 @@ def test_spawn_and_park_commit_together(durable, published, db_engine, monkeypat
 
     monkeypatch.setattr(durable.store, "_insert_children", insert_then_look)
     published.clear()
-    executor.execute(durable, wid, 0)
+    durable.executor.execute(wid, 0)
     assert seen == [("executing", 0)]
     assert run_row(db_engine, wid)["status"] == "awaiting_children"
     assert len(children_of(db_engine, wid)) == 2
@@ -154,7 +153,7 @@ def test_a_crash_between_park_and_insert_leaves_neither(durable, published, db_e
 
     monkeypatch.setattr(durable.store, "_insert_children", crash)
     with pytest.raises(KeyboardInterrupt):
-        executor.execute(durable, wid, 0)
+        durable.executor.execute(wid, 0)
     row = run_row(db_engine, wid)
     assert (row["status"], row["seq"], row["children_pending"]) == ("runnable", 0, 0)
     assert children_of(db_engine, wid) == []
@@ -185,11 +184,11 @@ def test_children_finishing_at_once_wake_the_parent_exactly_once(make_durable, d
     sent = Recorder().install(durable, monkeypatch)
     parent, _ = declare_family(durable, child_step=at_once)
     wid = parent.start({"items": list(range(n))})
-    assert executor.execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     kids = [k["id"] for k in children_of(db_engine, wid)]
     assert len(kids) == n and run_row(db_engine, wid)["children_pending"] == n
     sent.clear()
-    threads = start_threads([lambda k=k: executor.execute(durable, k, 0) for k in kids])
+    threads = start_threads([lambda k=k: durable.executor.execute(k, 0) for k in kids])
     assert [t.value(timeout=60) for t in threads] == ["committed"] * n
     row = run_row(db_engine, wid)
     assert (row["status"], row["children_pending"], row["step"]) == ("runnable", 0, "join")
@@ -214,7 +213,7 @@ def test_a_stale_workers_late_commit_changes_no_parent_counter(durable, publishe
     durable.coordinator().reaper.run_once()
     assert run_row(db_engine, kid)["status"] == "runnable"
     # The rescuer runs the child to the end: the parent counts it once.
-    assert executor.execute(durable, kid, 0) == "committed"
+    assert durable.executor.execute(kid, 0) == "committed"
     assert run_row(db_engine, wid)["children_pending"] == 1
     late = Transition(status="done", step="work", queue=queue, attempt=0, state="{}",
                       result='"late"', outcome="done", next_step=None)

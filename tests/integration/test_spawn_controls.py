@@ -9,7 +9,6 @@ import threading
 import pytest
 
 from durable_celery import Await, Done, Fail, Spawn, foreach
-from durable_celery.runtime import executor
 from durable_celery.testing import drain
 from tests.integration.support import Recorder, rows, run_row, scalar, start_threads
 
@@ -205,10 +204,10 @@ def test_cancel_racing_children_commits_neither_deadlocks_nor_double_counts(
         return Done([c.status for c in ctx.children])
 
     gid = grand.start()
-    executor.execute(durable, gid, 0)
+    durable.executor.execute(gid, 0)
     [pid] = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p",
                                    p=gid)]
-    executor.execute(durable, pid, 0)
+    durable.executor.execute(pid, 0)
     kids = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p",
                                   p=pid)]
 
@@ -216,7 +215,7 @@ def test_cancel_racing_children_commits_neither_deadlocks_nor_double_counts(
         barrier.wait(timeout=20)
         return durable.cancel_workflow(pid, f"race-{round_}")
 
-    threads = start_threads([*(lambda k=k: executor.execute(durable, k, 0) for k in kids),
+    threads = start_threads([*(lambda k=k: durable.executor.execute(k, 0) for k in kids),
                              cancel])
     results = [t.value(timeout=60) for t in threads]
     assert results[-1]["ok"] is True

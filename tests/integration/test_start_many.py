@@ -146,6 +146,6 @@ def test_unregistered_workflow(durable, make_durable):
     other.close()
     from durable_celery.definitions import Workflow
 
-    stray = Workflow(durable=durable, name="bulk", version=1, steps=wf.steps)
+    stray = Workflow(owner=durable._owner, name="bulk", version=1, steps=wf.steps)
     with pytest.raises(errors.UnknownWorkflow):
         stray.start_many([{}])

@@ -10,8 +10,6 @@ import threading
 import redis
 
 from durable_celery import Done
-from durable_celery.runtime import executor
-from durable_celery.runtime.executor import execute
 from tests.integration.support import Worker, rows, run_row, scalar
 
 
@@ -59,7 +57,7 @@ def test_commit_is_visible_before_the_next_message_is_published(durable, publish
     wid = wf.start({"n": 1})
     assert [(m.name, m.args) for m in published.sent] == [("durable.pipeline.first", [wid, 0])]
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["seq"]) == ("runnable", "second", 1)
     history = rows(db_engine, "SELECT seq, step, outcome, state FROM {S}.steps WHERE run_id = :id",
@@ -84,15 +82,15 @@ def test_duplicate_message_runs_the_step_once(durable, published, db_engine):
     wf = three_steps(durable, effects, gate=gate, entered=entered)
     wid = wf.start()
 
-    first = Worker(lambda: execute(durable, wid, 0))
+    first = Worker(lambda: durable.executor.execute(wid, 0))
     first.start()
     assert entered.wait(5)
     # The same message delivered again while the first copy is still running the step.
-    assert execute(durable, wid, 0) == "stale"
+    assert durable.executor.execute(wid, 0) == "stale"
     gate.set()
     assert first.value() == "committed"
     # ... and once more after the commit (a redelivery after a broker hiccup).
-    assert execute(durable, wid, 0) == "stale"
+    assert durable.executor.execute(wid, 0) == "stale"
 
     assert effects == [("first", 0)]
     assert run_row(db_engine, wid)["seq"] == 1
@@ -103,18 +101,18 @@ def test_stale_sequence_numbers_are_dropped(durable, published, db_engine):
     effects: list = []
     wf = three_steps(durable, effects)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     before = run_row(db_engine, wid)
-    stale_before = executor.counters["stale"]
+    stale_before = durable.stats().get("stale", 0)
 
     for seq in (0, 1, 7):  # two old messages and one from a future that never happened
-        assert execute(durable, wid, seq) == "stale"
+        assert durable.executor.execute(wid, seq) == "stale"
 
-    assert executor.counters["stale"] - stale_before == 3
+    assert durable.stats().get("stale", 0) - stale_before == 3
     assert effects == [("first", 0), ("second", 0)]
     assert run_row(db_engine, wid) == before
-    assert execute(durable, wid, 2) == "committed"
+    assert durable.executor.execute(wid, 2) == "committed"
     assert durable.wait_result(wid, timeout=1) == ["first", "second"]
 
 
@@ -123,14 +121,14 @@ def test_malformed_messages_are_dropped(durable, published, db_engine):
     wf = three_steps(durable, effects)
     wid = wf.start()
     before = run_row(db_engine, wid)
-    bad_before = executor.counters["bad_message"]
+    bad_before = durable.stats().get("bad_message", 0)
 
     malformed = [(wid, "0"), (wid, 0.0), (wid, True), (wid, None), ([wid], 0), (None, 0),
                  (42, 0), ({"id": wid}, 0), (wid.encode(), 0)]
     for workflow_id, seq in malformed:
-        assert execute(durable, workflow_id, seq) == "bad_message", (workflow_id, seq)
+        assert durable.executor.execute(workflow_id, seq) == "bad_message", (workflow_id, seq)
 
-    assert executor.counters["bad_message"] - bad_before == len(malformed)
+    assert durable.stats().get("bad_message", 0) - bad_before == len(malformed)
     assert effects == []
     assert run_row(db_engine, wid) == before
 

@@ -11,8 +11,6 @@ from datetime import datetime, timezone
 import pytest
 
 from durable_celery import Done, Sleep, errors, settings
-from durable_celery.runtime import executor
-from durable_celery.runtime.executor import execute
 from durable_celery.storage.sweeps import CLAIM_AHEAD, TAKE_UP_EARLY, eta_for
 from tests.integration.support import rows, run_row, scalar
 
@@ -43,8 +41,8 @@ def test_dispatcher_publishes_a_timer_due_within_the_lead_with_its_countdown(
     published = recorder(durable)
     near, far = declare(durable, 1.0, []), declare(durable, 4, [])
     near_id, far_id = near.start(), far.start()
-    assert execute(durable, near_id, 0) == "committed"
-    assert execute(durable, far_id, 0) == "committed"
+    assert durable.executor.execute(near_id, 0) == "committed"
+    assert durable.executor.execute(far_id, 0) == "committed"
     published.clear()
 
     assert durable.coordinator().dispatcher.run_once() == 1
@@ -67,7 +65,7 @@ def test_without_a_lead_nothing_is_published_before_it_is_due(make_durable, reco
     published = recorder(durable)
     wf = declare(durable, 0.4, [])
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     published.clear()
     assert durable.coordinator().dispatcher.run_once() == 0
     time.sleep(0.45)
@@ -82,18 +80,18 @@ def test_an_early_message_waits_for_the_due_time_and_never_starts_the_step_befor
     started: list[float] = []
     wf = declare(durable, 0.4, started)
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     assert due_in(db_engine, wid) > 0.2
     due = run_row(db_engine, wid)["eligible_at"]
 
     # Without the early flag (an ordinary message) it is refused, as before.
-    assert execute(durable, wid, 1) == "stale"
+    assert durable.executor.execute(wid, 1) == "stale"
     # An early one (the eta fired ahead of the database's clock) by less than 4 x CLAIM_AHEAD:
     # the pool process waits out the remainder and runs the step on time.
     while due_in(db_engine, wid) > 3 * CLAIM_AHEAD:
         time.sleep(0.002)
     assert due_in(db_engine, wid) > CLAIM_AHEAD  # too early for the claim itself
-    assert execute(durable, wid, 1, early=True) == "committed"
+    assert durable.executor.execute(wid, 1, early=True) == "committed"
     assert started[0] >= due.timestamp()  # the database runs on this host in the tests
     history = rows(db_engine, "SELECT step, started_at FROM {S}.steps WHERE run_id = :id "
                               "ORDER BY seq", id=wid)
@@ -108,12 +106,12 @@ def test_a_message_far_ahead_of_the_database_clock_is_sent_again_for_later(
     published = recorder(durable)
     wf = declare(durable, 30, [])
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     published.clear()
-    before = executor.counters["early"]
+    before = durable.stats().get("early", 0)
 
-    assert execute(durable, wid, 1, early=True) == "early"
-    assert executor.counters["early"] == before + 1
+    assert durable.executor.execute(wid, 1, early=True) == "early"
+    assert durable.stats().get("early", 0) == before + 1
     [sent] = published.for_run(wid)
     assert sent.args == [wid, 1]
     ahead = (sent.options["eta"] - datetime.now(timezone.utc)).total_seconds()
@@ -127,11 +125,11 @@ def test_an_early_message_for_a_cancelled_or_moved_run_is_dropped(make_durable, 
     published = recorder(durable)
     wf = declare(durable, 0.3, [])
     wid = wf.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     published.clear()
-    assert execute(durable, wid, 0, early=True) == "stale"   # an old seq
+    assert durable.executor.execute(wid, 0, early=True) == "stale"   # an old seq
     durable.cancel_workflow(wid, request_key=f"cancel-{wid}")
-    assert execute(durable, wid, 1, early=True) == "stale"   # cancelled while it waited
+    assert durable.executor.execute(wid, 1, early=True) == "stale"   # cancelled while it waited
     assert published.for_run(wid) == []
 
 
@@ -165,12 +163,12 @@ def test_the_coordinator_wakes_a_lead_early_for_timers_but_not_for_await_deadlin
         return Done()
 
     wid = waits.start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     dispatcher = durable.coordinator().dispatcher
     assert dispatcher.seconds_to_next() == pytest.approx(3.0, abs=0.3)  # the deadline itself
     timer = declare(durable, 2, [])
     tid = timer.start()
-    assert execute(durable, tid, 0) == "committed"
+    assert durable.executor.execute(tid, 0) == "committed"
     assert dispatcher.seconds_to_next() == pytest.approx(1.5, abs=0.3)  # 2 s less the lead
 
 
@@ -179,7 +177,7 @@ def napping_until_claimable(make_durable, recorder, db_engine, started):
     durable = make_durable(timer_lead=0.5)
     recorder(durable)
     wid = declare(durable, 0.3, started).start()
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     while due_in(db_engine, wid) > CLAIM_AHEAD * 0.8:
         time.sleep(0.002)
     return durable, wid
@@ -190,7 +188,7 @@ def test_a_claim_just_before_the_due_time_starts_the_step_on_the_dot(make_durabl
     started: list[float] = []
     durable, wid = napping_until_claimable(make_durable, recorder, db_engine, started)
     due = run_row(db_engine, wid)["eligible_at"]
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     [_, woke] = rows(db_engine, "SELECT step, started_at FROM {S}.steps WHERE run_id = :id "
                                   "ORDER BY seq", id=wid)
     assert woke["step"] == "woke"
@@ -211,7 +209,7 @@ def test_a_run_cancelled_while_its_early_claim_waits_does_not_run_the_step(
 
     durable.store.claim = claim_then_cancel
     try:
-        assert execute(durable, wid, 1) == "lease_lost"
+        assert durable.executor.execute(wid, 1) == "lease_lost"
     finally:
         durable.store.claim = real_claim
     assert started == []  # the step never ran

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from durable_celery import Await, Done, Retry, Sleep
-from durable_celery.runtime.executor import execute
 from tests.integration.support import execute_sql, run_row, seconds
 
 
@@ -39,7 +38,7 @@ def test_timer_holds_nothing_until_due(durable, published, db_engine, kind):
     wid = wf.start()
     published.clear()
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert row["status"] == "runnable"
     assert (row["owner"], row["lease"], row["started_at"]) == (None, None, None)
@@ -48,7 +47,7 @@ def test_timer_holds_nothing_until_due(durable, published, db_engine, kind):
     assert dispatcher.seconds_to_next() == pytest.approx(30, abs=2)
 
     # A message for it arriving early (a redelivery, a hand-crafted call) is refused.
-    assert execute(durable, wid, 1) == "stale"
+    assert durable.executor.execute(wid, 1) == "stale"
     assert dispatcher.run_once() == 0
     assert len(published) == 0
     assert run_row(db_engine, wid)["status"] == "runnable"
@@ -63,7 +62,7 @@ def test_timer_holds_nothing_until_due(durable, published, db_engine, kind):
     assert dispatcher.run_once() == 0  # not re-sent at once: redispatch waits for backoff
     assert len(published) == 1
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert durable.get_workflow(wid).status == "done"
 
 
@@ -74,7 +73,7 @@ def test_await_deadline_wakes_with_timed_out(durable, published, db_engine):
     wid = wf.start()
     published.clear()
 
-    assert execute(durable, wid, 0) == "committed"
+    assert durable.executor.execute(wid, 0) == "committed"
     row = run_row(db_engine, wid)
     assert (row["status"], row["step"], row["await_names"]) == ("awaiting", "after",
                                                                  ["approved"])
@@ -82,7 +81,7 @@ def test_await_deadline_wakes_with_timed_out(durable, published, db_engine):
     assert seconds(row["await_deadline"] - row["updated_at"]) == pytest.approx(30, abs=1e-3)
     assert len(published) == 0
 
-    assert execute(durable, wid, 1) == "stale"
+    assert durable.executor.execute(wid, 1) == "stale"
     assert dispatcher.run_once() == 0
     assert len(published) == 0
 
@@ -93,7 +92,7 @@ def test_await_deadline_wakes_with_timed_out(durable, published, db_engine):
     assert dispatcher.run_once() == 0
     assert len(published) == 1
 
-    assert execute(durable, wid, 1) == "committed"
+    assert durable.executor.execute(wid, 1) == "committed"
     assert seen == [{"timed_out": True, "signals": []}]
     assert durable.wait_result(wid, timeout=1) == {"timed_out": True}
     assert run_row(db_engine, wid)["timed_out"] is False  # reset once the step has seen it
@@ -108,7 +107,7 @@ def test_a_delayed_start_holds_nothing_until_due(durable, published, db_engine):
     assert (row["status"], row["owner"], row["dispatched_at"]) == ("runnable", None, None)
     assert seconds(row["eligible_at"] - row["created_at"]) == pytest.approx(30, abs=1e-3)
     assert len(published) == 0
-    assert execute(durable, wid, 0) == "stale"
+    assert durable.executor.execute(wid, 0) == "stale"
     assert dispatcher.run_once() == 0
 
     execute_sql(db_engine, "UPDATE {S}.runs SET eligible_at = now(), dispatch_at = now() "

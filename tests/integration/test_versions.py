@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from durable_celery import Done
-from durable_celery.runtime.executor import execute
 from durable_celery.testing import drain
 from tests.integration.support import execute_sql, run_row, scalar, seconds
 
@@ -50,7 +49,7 @@ def test_a_version_not_registered_here_is_released_untouched(make_durable, db_en
     published.clear()
     before = run_row(db_engine, wid)
 
-    assert execute(old_deploy, wid, 0) == "released"
+    assert old_deploy.executor.execute(wid, 0) == "released"
     row = run_row(db_engine, wid)
     assert row["status"] == "runnable"
     assert (row["owner"], row["lease"]) == (None, None)
@@ -65,5 +64,5 @@ def test_a_version_not_registered_here_is_released_untouched(make_durable, db_en
     execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() WHERE id = :id", id=wid)
     assert new_deploy.coordinator().dispatcher.run_once() == 1
     assert [(m.name, m.args) for m in published.sent] == [("durable.order.handle", [wid, 0])]
-    assert execute(new_deploy, wid, 0) == "committed"
+    assert new_deploy.executor.execute(wid, 0) == "committed"
     assert new_deploy.wait_result(wid, timeout=1) == {"version": 2, "state": {"n": 5}}

@@ -28,8 +28,8 @@ from tests.unit.fakes import FakeDurable
 
 
 def declare(durable: FakeDurable, name: str = "trip") -> Workflow:
-    wf = Workflow(durable=durable, name=name)  # type: ignore[arg-type]
-    durable._workflows[(name, 1)] = wf
+    wf = Workflow(owner=durable, name=name)  # type: ignore[arg-type]
+    durable.registry.add(wf)
     return wf
 
 
@@ -136,7 +136,7 @@ def test_zero_children_continue_at_once(trip: Workflow) -> None:
 
 
 def test_spawning_an_unregistered_workflow_fails_the_run(trip: Workflow) -> None:
-    stranger = Workflow(durable=FakeDurable(), name="elsewhere")  # type: ignore[arg-type]
+    stranger = Workflow(owner=FakeDurable(), name="elsewhere")  # type: ignore[arg-type]
 
     @stranger.step
     def only(ctx: Any) -> Any: ...

@@ -56,7 +56,7 @@ def test_non_string_names(name: Any) -> None:
 
 @pytest.fixture
 def wf(fake_durable: FakeDurable) -> Workflow:
-    return Workflow(durable=fake_durable, name="shop", queue="orders")  # type: ignore[arg-type]
+    return Workflow(owner=fake_durable, name="shop", queue="orders")  # type: ignore[arg-type]
 
 
 def test_steps_are_declared_in_order_and_registered(wf: Workflow,
@@ -167,7 +167,7 @@ def test_resolve_unknown_function(three: Workflow) -> None:
 
 
 def test_resolve_is_per_workflow(three: Workflow, fake_durable: FakeDurable) -> None:
-    other = Workflow(durable=fake_durable, name="other")  # type: ignore[arg-type]
+    other = Workflow(owner=fake_durable, name="other")  # type: ignore[arg-type]
 
     @other.step
     def a(ctx: Any) -> Any: ...
@@ -188,7 +188,7 @@ def test_queue_for_precedence(three: Workflow, fake_durable: FakeDurable) -> Non
     assert three.queue_for(b, "vip") == "special"  # the step's own queue
     assert three.queue_for(a, "vip") == "vip"      # then the run's
     assert three.queue_for(a) == "orders"          # then the workflow's
-    bare = Workflow(durable=fake_durable, name="bare")  # type: ignore[arg-type]
+    bare = Workflow(owner=fake_durable, name="bare")  # type: ignore[arg-type]
     assert bare.queue_for(a) == "default"          # then the app's default
 
 

@@ -193,7 +193,7 @@ def test_retry_options_parse_or_raise_invalid_argument(options: Any) -> None:
 @example(name=None, retry={"delay": 1, 0: 1}, queue=None, run_ahead=None)
 def test_step_options_are_accepted_or_refused_with_invalid_argument(
         name: Any, retry: Any, queue: Any, run_ahead: Any) -> None:
-    wf = Workflow(durable=FakeDurable(), name="hostile")  # type: ignore[arg-type]
+    wf = Workflow(owner=FakeDurable(), name="hostile")  # type: ignore[arg-type]
 
     def fn(ctx: Any) -> Any:
         return None
@@ -212,7 +212,7 @@ def test_step_options_are_accepted_or_refused_with_invalid_argument(
 
 
 def build_workflow() -> Workflow:
-    wf = Workflow(durable=FakeDurable(), name="shop")  # type: ignore[arg-type]
+    wf = Workflow(owner=FakeDurable(), name="shop")  # type: ignore[arg-type]
 
     @wf.step
     def reserve(ctx: Any) -> Any: ...

@@ -22,14 +22,14 @@ from durable_celery.definitions import (
 )
 from durable_celery.errors import InvalidArgument
 from durable_celery.runtime import outcomes
-from durable_celery.storage.store import Transition
+from durable_celery.storage.records import Transition
 from tests.unit.fakes import FakeDurable
 
 ORIGINAL = {"committed": True}
 
 
 def build_workflow(durable: FakeDurable, *, run_ahead: bool | None = None) -> Workflow:
-    wf = Workflow(durable=durable, name="shop", run_ahead=run_ahead)  # type: ignore[arg-type]
+    wf = Workflow(owner=durable, name="shop", run_ahead=run_ahead)  # type: ignore[arg-type]
 
     @wf.step(retry={"max_attempts": 3, "backoff": "linear", "delay": 2.0, "jitter": False})
     def reserve(ctx: Any) -> Any: ...
