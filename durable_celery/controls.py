@@ -24,7 +24,7 @@ from durable_celery.definitions import Registry
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
 from durable_celery.storage import migrate as migrate_mod
-from durable_celery.storage.controls import ControlStore, ForkSource, Outcome
+from durable_celery.storage.controls import ControlOutcome, ControlStore, ForkSource
 from durable_celery.storage.engine import EngineHolder
 
 __all__ = ["Controls", "check_request_key", "check_workflow_id", "parse_start_step"]
@@ -115,9 +115,9 @@ class Controls:
                 f"reason must be a string of at most {MAX_REASON} characters, without NUL or "
                 "lone surrogates", field="reason")
 
-        def mutation(conn: Any) -> Outcome:
+        def mutation(conn: Any) -> ControlOutcome:
             changed, wakes = self.store.cancel(conn, wid, reason)
-            return Outcome(response=self._response(key, bool(changed)), dispatches=wakes)
+            return ControlOutcome(response=self._response(key, bool(changed)), dispatches=wakes)
 
         return self._request(key, "cancel", wid, ttl, mutation)
 
@@ -125,9 +125,9 @@ class Controls:
                cleanup_interval_seconds: Any = 300) -> dict[str, Any]:
         key, wid, ttl = self._common(workflow_id, request_key, ttl_days, cleanup_interval_seconds)
 
-        def mutation(conn: Any) -> Outcome:
+        def mutation(conn: Any) -> ControlOutcome:
             dispatches = self.store.resume(conn, wid)
-            return Outcome(response=self._response(key, dispatches is not None),
+            return ControlOutcome(response=self._response(key, dispatches is not None),
                            dispatches=dispatches or [])
 
         return self._request(key, "resume", wid, ttl, mutation)
@@ -145,7 +145,7 @@ class Controls:
         return self._request(key, "fork", wid, ttl, mutation)
 
     def _fork(self, conn: Any, *, key: str, source_id: str, new_id: str | None,
-              version: int | None, number: int) -> Outcome:
+              version: int | None, number: int) -> ControlOutcome:
         source = self.store.fork_source(conn, source_id)
         if source is None:
             raise errors.WorkflowNotFound(f"no run {source_id!r} to fork",
@@ -178,7 +178,7 @@ class Controls:
                                            existing_id=new_id)
         response = self._response(key, True)
         response["workflow_id"] = dispatch.workflow_id
-        return Outcome(response=response, dispatches=[dispatch])
+        return ControlOutcome(response=response, dispatches=[dispatch])
 
     def _definition(self, source: ForkSource, version: int) -> Any:
         """The registered workflow the fork runs, when this process knows the workflow."""

@@ -28,6 +28,7 @@ from durable_celery.checks import check_name, check_priority, check_seconds
 from durable_celery.definitions import Done, Fail, Retry, RetryPolicy, Workflow
 from durable_celery.runtime.readiness import Readiness
 from durable_celery.settings import Settings
+from durable_celery.storage.records import Status
 
 if TYPE_CHECKING:
     from durable_celery.runtime.context import Context
@@ -76,8 +77,9 @@ OPTIONS = frozenset({
 # publishing is retried by the coordinator).
 IGNORED_CALL_OPTIONS = frozenset({"serializer", "ignore_result", "retry", "retry_policy"})
 
-CELERY_STATES = {"runnable": "PENDING", "awaiting": "PENDING", "executing": "STARTED",
-                 "done": "SUCCESS", "failed": "FAILURE", "cancelled": "REVOKED"}
+CELERY_STATES: dict[str, str] = {Status.RUNNABLE: "PENDING", Status.AWAITING: "PENDING",
+                 Status.EXECUTING: "STARTED", Status.DONE: "SUCCESS", Status.FAILED: "FAILURE",
+                 Status.CANCELLED: "REVOKED"}
 
 
 def decorate(durable: TaskOwner, fn: Any, options: dict[str, Any], *,
@@ -330,7 +332,7 @@ class TaskHandle:
     def status(self) -> str:
         """Celery's names: PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED."""
         run = self.run()
-        if run.status == "runnable" and run.attempt > 0:
+        if run.status == Status.RUNNABLE and run.attempt > 0:
             return "RETRY"
         return CELERY_STATES.get(run.status, run.status.upper())
 
@@ -340,16 +342,16 @@ class TaskHandle:
         return self.run().is_terminal
 
     def successful(self) -> bool:
-        return self.run().status == "done"
+        return self.run().status == Status.DONE
 
     def failed(self) -> bool:
-        return self.run().status == "failed"
+        return self.run().status == Status.FAILED
 
     @property
     def result(self) -> Any:
         """The return value once done, the error once failed, else None (like Celery)."""
         run = self.run()
-        return run.result if run.status == "done" else run.error
+        return run.result if run.status == Status.DONE else run.error
 
     def get(self, timeout: float | None = None, propagate: bool = True,
             interval: float | None = None, **_celery: Any) -> Any:

@@ -28,7 +28,7 @@ from durable_celery.definitions import (
     Step,
     Workflow,
 )
-from durable_celery.storage.records import Transition
+from durable_celery.storage.records import Status, Transition
 
 MAX_TRACEBACK = 8000
 MAX_SIGNAL_NAME = 200
@@ -80,7 +80,7 @@ def from_exception(v: Visit, exc: BaseException) -> Transition:
     attempts = v.attempt + 1
     policy = v.step.retry
     if attempts < policy.max_attempts:
-        return Transition(status="compensating" if v.compensating else "runnable",
+        return Transition(status=Status.COMPENSATING if v.compensating else Status.RUNNABLE,
                           step=v.step.name, queue=v.queue, attempt=attempts,
                           state=state, error=_dumps(error), delay=policy.delay_after(attempts),
                           publish=False, outcome="retry", next_step=v.step.name, consume=False)
@@ -160,7 +160,7 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         return _failed(v, state, {"type": "Fail", "message": message, "reason": reason})
     if isinstance(returned, Retry):
         delay = _seconds(returned.delay, "Retry delay")
-        return Transition(status="runnable", step=step.name, queue=v.queue, attempt=v.attempt + 1,
+        return Transition(status=Status.RUNNABLE, step=step.name, queue=v.queue, attempt=v.attempt + 1,
                           state=state, delay=delay, publish=delay == 0, outcome="retry",
                           next_step=step.name, consume=False)
     if isinstance(returned, Sleep):
@@ -175,7 +175,7 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
             until = returned.until
         else:
             delay = _seconds(returned.seconds, "Sleep seconds")
-        return Transition(status="runnable", step=target.name, queue=_queue(v, target),
+        return Transition(status=Status.RUNNABLE, step=target.name, queue=_queue(v, target),
                           attempt=0, state=state, delay=delay, until=until,
                           publish=until is None and delay == 0, outcome="sleep",
                           next_step=target.name)
@@ -185,7 +185,7 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         deadline = None
         if returned.timeout is not None:
             deadline = _seconds(returned.timeout, "Await timeout")
-        return Transition(status="awaiting", step=target.name, queue=_queue(v, target),
+        return Transition(status=Status.AWAITING, step=target.name, queue=_queue(v, target),
                           attempt=0, state=state, await_names=names, deadline=deadline,
                           outcome="await", next_step=target.name,
                           await_all=returned.mode == "all")
@@ -194,7 +194,7 @@ def _decide(v: Visit, returned: Any, state_after: Any) -> Transition:
         if not returned.children:  # nothing to wait for: continue at once
             return replace(_next(v, target, state), outcome="spawn")
         rows, count = _children(v, returned, state)
-        return Transition(status="awaiting_children", step=target.name,
+        return Transition(status=Status.AWAITING_CHILDREN, step=target.name,
                           queue=_queue(v, target), attempt=0, state=state, outcome="spawn",
                           next_step=target.name, children=rows, children_count=count,
                           spawn_cap=returned.concurrency)
@@ -253,7 +253,7 @@ def _next(v: Visit, target: Step, state: str, run_ahead: bool | None = None) -> 
     queue = _queue(v, target)
     allowed = _ahead_allowed(v.workflow, target) if run_ahead is None else run_ahead
     ahead = v.run_ahead and queue == v.queue and allowed
-    return Transition(status="executing" if ahead else "runnable", step=target.name,
+    return Transition(status=Status.EXECUTING if ahead else Status.RUNNABLE, step=target.name,
                       queue=queue, attempt=0, state=state, publish=not ahead, outcome="next",
                       next_step=target.name)
 
@@ -266,7 +266,7 @@ def _ahead_allowed(wf: Workflow, target: Step) -> bool:
 
 def _done(v: Visit, result: Any, state: str) -> Transition:
     text = payloads.check(result, what="result", max_bytes=v.max_payload_bytes)
-    return Transition(status="done", step=v.step.name, queue=v.queue, attempt=v.attempt,
+    return Transition(status=Status.DONE, step=v.step.name, queue=v.queue, attempt=v.attempt,
                       state=state, result=text, outcome="done", next_step=None)
 
 
@@ -276,12 +276,12 @@ def _failed(v: Visit, state: str, error: dict[str, Any]) -> Transition:
     if v.compensations:  # completed steps have compensations: undo them, newest first
         top = str(v.compensations[-1]["compensation"])
         text = _dumps(error)
-        return Transition(status="compensating", step=top, queue=_compensation_queue(v, top),
+        return Transition(status=Status.COMPENSATING, step=top, queue=_compensation_queue(v, top),
                           attempt=0, state=state, error=text, failure=text, publish=True,
                           outcome="fail", next_step=top, compensation_errors="[]")
     # The signals this visit saw stay delivered (not consumed), and its timeout stays: a
     # resumed run runs this step again as the same visit and sees them again.
-    return Transition(status="failed", step=v.step.name, queue=v.queue, attempt=v.attempt,
+    return Transition(status=Status.FAILED, step=v.step.name, queue=v.queue, attempt=v.attempt,
                       state=state, error=_dumps(error), outcome="fail", next_step=None,
                       consume=False)
 
@@ -362,7 +362,7 @@ def _decide_compensation(v: Visit, returned: Any, state_after: Any) -> Transitio
         state = _state(v, returned if isinstance(returned, dict) else state_after)
     if isinstance(returned, Retry):
         delay = _seconds(returned.delay, "Retry delay")
-        return Transition(status="compensating", step=v.step.name, queue=v.queue,
+        return Transition(status=Status.COMPENSATING, step=v.step.name, queue=v.queue,
                           attempt=v.attempt + 1, state=state, delay=delay, publish=delay == 0,
                           outcome="retry", next_step=v.step.name, consume=False)
     if isinstance(returned, Fail):
@@ -390,7 +390,7 @@ def _compensation_done(v: Visit, state: str, error: dict[str, Any] | None) -> Tr
     failure = v.failure
     if stack:
         following = str(stack[-1]["compensation"])
-        return Transition(status="compensating", step=following,
+        return Transition(status=Status.COMPENSATING, step=following,
                           queue=_compensation_queue(v, following), attempt=0, state=state,
                           error=_dumps(failure), publish=True, outcome=outcome,
                           next_step=following, compensations=_dumps(stack),
@@ -400,9 +400,9 @@ def _compensation_done(v: Visit, state: str, error: dict[str, Any] | None) -> Tr
         final: Any = {"type": "CompensationFailed",
                       "message": f"{len(errs)} compensation(s) failed after: {summary}"[:2000],
                       "failure": failure, "compensation_errors": errs}
-        status = "compensation_failed"
+        status = Status.COMPENSATION_FAILED
     else:
-        final, status = failure, "compensated"
+        final, status = failure, Status.COMPENSATED
     return Transition(status=status, step=v.step.name, queue=v.queue, attempt=v.attempt,
                       state=state, error=_dumps(final), outcome=outcome, next_step=None,
                       compensations="[]", compensation_errors=_dumps(errs))

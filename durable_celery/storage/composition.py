@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from durable_celery.storage.records import Dispatch
+from durable_celery.storage.records import Dispatch, Status
 from durable_celery.storage.sql import q as _q
 
 INSERT_CHILDREN = _q("""
@@ -159,7 +159,7 @@ def children_finished(conn: sa.Connection, finished: Iterable[Finished], *,
         parent = conn.execute(JOIN, params).mappings().first()
         if parent is None:
             continue  # the parent no longer waits for this spawn (cancelled, say)
-        if parent["status"] == "runnable":
+        if parent["status"] == Status.RUNNABLE:
             if not parent["held"]:  # a held parent (a nested foreach child) waits its turn
                 wakes.append(Dispatch.from_row(parent))
         elif parent["spawn_cap"] is not None:

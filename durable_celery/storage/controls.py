@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from durable_celery import errors
 from durable_celery.storage import composition, migrate
 from durable_celery.storage.engine import EngineHolder
-from durable_celery.storage.records import Dispatch
+from durable_celery.storage.records import Dispatch, Status
 from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
 from durable_celery.storage.sql import q as _q
 from durable_celery.storage.store import WAKE_FROM_INBOX
@@ -213,7 +213,7 @@ TABLE_EXISTS = _q("SELECT to_regclass(:name) IS NOT NULL")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
+class ControlOutcome:
     """What a mutation returns: the response to store and the messages to publish."""
 
     response: dict[str, Any]
@@ -234,7 +234,7 @@ class ForkSource:
     single_step: bool = False      # a child started from a step function: that step only
 
 
-Mutation = Callable[[sa.Connection], Outcome]
+Mutation = Callable[[sa.Connection], ControlOutcome]
 
 
 class ControlStore:
@@ -247,7 +247,7 @@ class ControlStore:
     # ------------------------------------------------------------------ idempotency
 
     def request(self, *, key: str, action: str, target: str, ttl_seconds: float,
-                mutation: Mutation) -> tuple[Outcome, bool]:
+                mutation: Mutation) -> tuple[ControlOutcome, bool]:
         """Run ``mutation`` at most once per live ``key``: ``(outcome, replayed)``.
 
         Raises ``IdempotencyConflict`` when the key belongs to another action or target, or to
@@ -259,7 +259,7 @@ class ControlStore:
         with self.db.begin() as conn:
             if conn.execute(CLAIM_KEY, params).first() is None:
                 row = conn.execute(GET_KEY, {"key": key}).mappings().one()
-                return Outcome(response=_replay(key, action, target, row)), True
+                return ControlOutcome(response=_replay(key, action, target, row)), True
             savepoint = conn.begin_nested()
             try:
                 outcome = mutation(conn)
@@ -327,14 +327,14 @@ class ControlStore:
         if row is None:
             return None
         out = [Dispatch.from_row(row)] if row["publish"] else []
-        if row["status"] == "awaiting":
+        if row["status"] == Status.AWAITING:
             # Signals that came while it was held, or were delivered but not consumed.
             woke = conn.execute(WAKE_FROM_INBOX, {
                 "id": workflow_id, "names": list(row["await_names"] or ()),
                 "redispatch": self.redispatch_after}).mappings().first()
             if woke is not None and not woke["held"]:
                 out.append(Dispatch.from_row(woke))
-        elif row["status"] == "awaiting_children":
+        elif row["status"] == Status.AWAITING_CHILDREN:
             # The children the same cancel cancelled wait with it again (deepest last).
             if cancelled_by is not None and depth < 100:
                 for (child_id,) in conn.execute(CASCADED, {
@@ -344,7 +344,7 @@ class ControlStore:
             counted = conn.execute(RECOUNT, {"id": workflow_id, "visit": row["visit"],
                                              "redispatch": self.redispatch_after}
                                    ).mappings().first()
-            if counted is not None and counted["status"] == "runnable":
+            if counted is not None and counted["status"] == Status.RUNNABLE:
                 out.append(Dispatch.from_row(counted))
             else:
                 out += composition.release_slots(conn, workflow_id, row["visit"],
@@ -414,7 +414,7 @@ def _replay(key: str, action: str, target: str, row: Any) -> dict[str, Any]:
             f"request key {key!r} was used for {row['action']} of {row['target']!r}, "
             f"not {action} of {target!r}",
             idempotency_key=key, action=row["action"], target=row["target"])
-    if row["status"] == "failed":
+    if row["status"] == Status.FAILED:
         failure = row["error"] or {}
         raise errors.IdempotencyConflict(
             f"request key {key!r} belongs to a {action} of {target!r} that failed: "

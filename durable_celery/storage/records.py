@@ -45,7 +45,7 @@ class Run:
     workflow_id: str
     workflow: str
     version: int
-    status: str
+    status: Status
     step: str
     seq: int
     attempt: int
@@ -80,7 +80,7 @@ class Run:
         names = row["await_names"]
         return cls(
             workflow_id=row["id"], workflow=row["workflow"], version=row["version"],
-            status=row["status"], step=row["step"], seq=row["seq"], attempt=row["attempt"],
+            status=Status(row["status"]), step=row["step"], seq=row["seq"], attempt=row["attempt"],
             state=row["state"], input=row["input"], result=row["result"], error=row["error"],
             key=row["key"], queue=row["queue"], priority=row["priority"],
             parent_id=row["parent_id"], eligible_at=row["eligible_at"],
@@ -142,7 +142,7 @@ class Child:
     index: int
     workflow_id: str
     workflow: str
-    status: str
+    status: Status
     result: Any
     error: Any
     key: str | None = None
@@ -154,7 +154,7 @@ class Child:
     @classmethod
     def from_json(cls, data: Mapping[Any, Any]) -> Child:
         return cls(index=int(data["index"]), workflow_id=data["workflow_id"],
-                   workflow=data["workflow"], status=data["status"], result=data.get("result"),
+                   workflow=data["workflow"], status=Status(data["status"]), result=data.get("result"),
                    error=data.get("error"), key=data.get("key"))
 
 
@@ -193,7 +193,7 @@ class Claim:
             due_in=float(row.get("due_in") or 0.0),
             single_step=bool(row["single_step"]),
             children=tuple(Child.from_json(c) for c in (row["children"] or ())),
-            compensating=row["status"] == "compensating",
+            compensating=row["status"] == Status.COMPENSATING,
             compensations=tuple(row["compensations"] or ()),
             compensation_errors=tuple(row["compensation_errors"] or ()),
             failure=row["failure"],
@@ -240,7 +240,7 @@ class SignalResult:
 class Transition:
     """A step's outcome, ready to commit."""
 
-    status: str                   # runnable | executing (run-ahead) | awaiting | done | failed
+    status: Status                # runnable | executing (run-ahead) | awaiting | done | failed
     step: str                     # the step to run next (the same step for terminal)
     queue: str
     attempt: int

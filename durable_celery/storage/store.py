@@ -28,6 +28,7 @@ from durable_celery.storage.records import (
     Dispatch,
     Run,
     SignalResult,
+    Status,
     StepRecord,
     Transition,
 )
@@ -534,10 +535,10 @@ class Store(SweepStore):
         # A Next, Retry or ending is one statement: autocommit, one round trip. Parking
         # (re-check the inbox), timers (NOTIFY), spawning, the ending of a child (its parent
         # counts it) and handing on a concurrency key take a transaction.
-        if t.status not in ("awaiting", "awaiting_children") \
+        if t.status not in (Status.AWAITING, Status.AWAITING_CHILDREN) \
                 and not (t.terminal and claim.parent_id is not None) \
                 and t.children is None and claim.concurrency_key is None \
-                and not (t.status in ("runnable", "compensating") and not t.publish):
+                and not (t.status in (Status.RUNNABLE, Status.COMPENSATING) and not t.publish):
             with self.db.raw() as raw:
                 found = raw.cursor(row_factory=dict_row).execute(COMMIT_SQL, params).fetchone()
             if found is None:
@@ -557,15 +558,15 @@ class Store(SweepStore):
                 wakes += composition.children_finished(
                     conn, [composition.Finished(row["parent_id"], row["spawn_seq"])],
                     redispatch=self.redispatch_after)
-            if t.status == "awaiting":
+            if t.status == Status.AWAITING:
                 woke = conn.execute(WAKE_FROM_INBOX, {
                     "id": claim.workflow_id, "names": list(t.await_names or ()),
                     "redispatch": self.redispatch_after}).mappings().first()
                 if woke is not None:  # (an executing run is never held)
-                    dispatch, status = Dispatch.from_row(woke), "runnable"
-            timer = (t.status in ("runnable", "compensating") and not t.publish) or (
-                t.deadline is not None and status == "awaiting")
-            if claim.concurrency_key is not None and t.status != "executing":
+                    dispatch, status = Dispatch.from_row(woke), Status.RUNNABLE
+            timer = (t.status in (Status.RUNNABLE, Status.COMPENSATING) and not t.publish) or (
+                t.deadline is not None and status == Status.AWAITING)
+            if claim.concurrency_key is not None and t.status != Status.EXECUTING:
                 timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
             if timer:  # wake the dispatchers so they re-plan their sleep
                 conn.execute(NOTIFY)
@@ -661,7 +662,7 @@ class Store(SweepStore):
             return SignalResult(workflow_id=run_id, signal_id=None, duplicate=True,
                                 woke=False), None
         dispatch, woke = None, False
-        if run["status"] == "awaiting" and name in (run["await_names"] or ()):
+        if run["status"] == Status.AWAITING and name in (run["await_names"] or ()):
             row = conn.execute(WAKE_FROM_INBOX, {
                 "id": run_id, "names": list(run["await_names"]),
                 "redispatch": redispatch}).mappings().first()
