@@ -6,19 +6,27 @@ and every transition is guarded, so two sweeps never dispatch or reclaim one row
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 
+from durable_celery import errors
+from durable_celery.runtime import outcomes
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.settings import Settings
+from durable_celery.storage.records import Dispatch
 from durable_celery.storage.store import Store
+from durable_celery.storage.sweeps import Lost
 
 log = logging.getLogger("durable_celery.coordinator")
 
 
 # Seconds without any publish for a free concurrency key before its waiter is woken anyway.
 KEY_QUIET = 5.0
+# How long the reaper's commit of a lost run's end waits on a locked row (the run, its
+# parent) before leaving it for the next pass.
+END_LOCK_TIMEOUT = 1.0
 
 
 class Dispatcher:
@@ -79,15 +87,48 @@ class Reaper:
         for dispatch in reaped.publish:
             log.warning("run %s: worker lost; step %s will run again", dispatch.workflow_id,
                         dispatch.step)
+        ended, wakes = self._end(reaped.lost)
         owed = self.store.pay_owed_slots(s.sweep_batch_size)
         delivered, woken = self.store.deliver_early_signals(s.sweep_batch_size)
         if delivered:
             log.info("%d signal(s) sent before their run existed delivered to it", delivered)
-        self.publisher.publish_many(reaped.publish + reaped.wakes + owed + woken)
-        if reaped.failed:
-            log.error("%d run(s) failed after %d worker losses", reaped.failed,
-                      s.max_recoveries)
-        return len(reaped.publish) + reaped.failed + len(owed) + delivered
+        self.publisher.publish_many(reaped.publish + wakes + owed + woken)
+        return len(reaped.publish) + ended + len(owed) + delivered
+
+    def _end(self, lost: list[Lost]) -> tuple[int, list[Dispatch]]:
+        """Steps lost ``max_recoveries`` times: the step failed for good (the compensation
+        transition decides what follows: compensate, fail, the next compensation...),
+        committed under the dead lease like a worker's outcome. A run whose row (or parent
+        row) stays locked, or that the database refuses now, is left for the next pass."""
+        ended, wakes = 0, []
+        for item in lost:
+            claim = item.claim
+            error = {"type": "WorkerLost", "message": f"worker lost ({item.losses} times)",
+                     "worker": item.owner, "attempts": claim.attempt + 1}
+            position = outcomes.Position(
+                step=claim.step, attempt=claim.attempt, queue=claim.queue,
+                compensating=claim.compensating, compensations=claim.compensations,
+                compensation_errors=claim.compensation_errors, failure=claim.failure)
+            transition = outcomes.failed(position, json.dumps(claim.state), error)
+            try:
+                committed = self.store.commit(claim, transition, worker=item.owner,
+                                              started_at=item.started_at,
+                                              lock_timeout=END_LOCK_TIMEOUT)
+            except errors.StorageError as exc:
+                log.info("run %s: its end waits for the next reaper pass (%s)",
+                         claim.workflow_id, exc.message)
+                continue
+            if committed is None:
+                continue  # cancelled, or another coordinator ended it first
+            ended += 1
+            wakes += list(committed.wakes)
+            if committed.dispatch is not None:
+                wakes.append(committed.dispatch)
+            log.error("run %s: step %s lost its worker %d times; %s", claim.workflow_id,
+                      claim.step, item.losses,
+                      f"now {committed.status}" + (f" (next: {transition.step})"
+                                                  if committed.dispatch else ""))
+        return ended, wakes
 
 
 class Collector:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,40 @@ class Visit:
     def after(self) -> Step | None:
         """The step a plain return goes to (None: the run is done)."""
         return None if self.single_step else self.workflow.after(self.step)
+
+    @property
+    def position(self) -> Position:
+        wf, run_queue = self.workflow, self.run_queue
+
+        def queue_of(name: str) -> str | None:
+            step = wf.compensations.get(name)
+            return None if step is None else wf.queue_for(step, run_queue)
+
+        return Position(step=self.step.name, attempt=self.attempt, queue=self.queue,
+                        compensating=self.compensating, compensations=self.compensations,
+                        compensation_errors=self.compensation_errors, failure=self.failure,
+                        queue_of=queue_of)
+
+
+def _no_queue(name: str) -> str | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Position:
+    """Where a run stands when its step (or compensation) ends for good: all the
+    compensation transition reads. The executor builds it from the step it ran; the reaper
+    from the row of a step whose worker died once too often."""
+
+    step: str
+    attempt: int
+    queue: str
+    compensating: bool = False
+    compensations: tuple[dict[str, Any], ...] = ()   # the stack, top last
+    compensation_errors: tuple[Any, ...] = ()
+    failure: Any = None
+    # A compensation's queue from the code, for stack entries that do not carry one.
+    queue_of: Callable[[str], str | None] = _no_queue
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
@@ -271,19 +306,7 @@ def _done(v: Visit, result: Any, state: str) -> Transition:
 
 
 def _failed(v: Visit, state: str, error: dict[str, Any]) -> Transition:
-    if v.compensating:
-        return _compensation_done(v, state, error)
-    if v.compensations:  # completed steps have compensations: undo them, newest first
-        top = str(v.compensations[-1]["compensation"])
-        text = _dumps(error)
-        return Transition(status=Status.COMPENSATING, step=top, queue=_compensation_queue(v, top),
-                          attempt=0, state=state, error=text, failure=text, publish=True,
-                          outcome="fail", next_step=top, compensation_errors="[]")
-    # The signals this visit saw stay delivered (not consumed), and its timeout stays: a
-    # resumed run runs this step again as the same visit and sees them again.
-    return Transition(status=Status.FAILED, step=v.step.name, queue=v.queue, attempt=v.attempt,
-                      state=state, error=_dumps(error), outcome="fail", next_step=None,
-                      consume=False)
+    return failed(v.position, state, error)
 
 
 def _dumps(value: Any) -> str:
@@ -348,11 +371,6 @@ def _children(v: Visit, spawn: Spawn, parent_state: str) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- compensation
 
 
-def _compensation_queue(v: Visit, name: str) -> str:
-    step = v.workflow.compensations.get(name)
-    return v.workflow.queue_for(step, v.run_queue) if step is not None else v.queue
-
-
 def _decide_compensation(v: Visit, returned: Any, state_after: Any) -> Transition:
     """A compensation returned: None or a dict (new state) or Done mean undone; Retry runs
     it again; Fail records its error. Either way the next compensation follows."""
@@ -368,30 +386,58 @@ def _decide_compensation(v: Visit, returned: Any, state_after: Any) -> Transitio
     if isinstance(returned, Fail):
         reason = returned.reason
         message = reason if isinstance(reason, str) else repr(reason)
-        return _compensation_done(v, state, {"type": "Fail",
+        return compensation_done(v.position, state, {"type": "Fail",
                                              "message": payloads.printable(message, 2000)})
     if isinstance(returned, OUTCOME_TYPES) and not isinstance(returned, Done):
         raise errors.InvalidOutcome(
             f"compensation {v.step.name!r} returned {type(returned).__name__}; a compensation "
             "returns None, a dict (the new state), Done, Retry or Fail")
-    return _compensation_done(v, state, None)
+    return compensation_done(v.position, state, None)
 
 
-def _compensation_done(v: Visit, state: str, error: dict[str, Any] | None) -> Transition:
-    """This compensation is over (undone, or failed for good): pop it; run the next one, or
-    end ``compensated`` (error = the original failure) or ``compensation_failed``."""
-    stack = list(v.compensations)
+# ----------------------------------------------------------------------------- the compensation transition
+#
+# Its one owner. A step that fails for good starts undoing the completed steps (newest
+# first) or fails the run; a compensation that is over (undone, or failed for good) hands
+# on to the next one, or ends the run compensated / compensation_failed. The executor comes
+# here for a step that raised or returned Fail; the reaper for a step whose worker died
+# max_recoveries times (committed through the same guarded COMMIT).
+
+
+def failed(p: Position, state: str, error: dict[str, Any]) -> Transition:
+    """The step at ``p`` failed for good with ``error``."""
+    if p.compensating:
+        return compensation_done(p, state, error)
+    if p.compensations:  # completed steps have compensations: undo them, newest first
+        top = p.compensations[-1]
+        name = str(top["compensation"])
+        text = _dumps(error)
+        return Transition(status=Status.COMPENSATING, step=name, queue=_entry_queue(p, top),
+                          attempt=0, state=state, error=text, failure=text, publish=True,
+                          outcome="fail", next_step=name, compensation_errors="[]")
+    # The signals this visit saw stay delivered (not consumed), and its timeout stays: a
+    # resumed run runs this step again as the same visit and sees them again.
+    return Transition(status=Status.FAILED, step=p.step, queue=p.queue, attempt=p.attempt,
+                      state=state, error=_dumps(error), outcome="fail", next_step=None,
+                      consume=False)
+
+
+def compensation_done(p: Position, state: str, error: dict[str, Any] | None) -> Transition:
+    """The compensation at ``p`` is over (undone, or failed for good with ``error``): pop
+    it; run the next one, or end ``compensated`` (error = the original failure) or
+    ``compensation_failed``."""
+    stack = list(p.compensations)
     if stack:
         stack.pop()
-    errs = list(v.compensation_errors)
+    errs = list(p.compensation_errors)
     if error is not None:
-        errs.append({**error, "compensation": v.step.name, "attempts": v.attempt + 1})
+        errs.append({**error, "compensation": p.step, "attempts": p.attempt + 1})
     outcome = "compensation_failed" if error is not None else "compensated"
-    failure = v.failure
+    failure = p.failure
     if stack:
         following = str(stack[-1]["compensation"])
         return Transition(status=Status.COMPENSATING, step=following,
-                          queue=_compensation_queue(v, following), attempt=0, state=state,
+                          queue=_entry_queue(p, stack[-1]), attempt=0, state=state,
                           error=_dumps(failure), publish=True, outcome=outcome,
                           next_step=following, compensations=_dumps(stack),
                           compensation_errors=_dumps(errs))
@@ -403,6 +449,16 @@ def _compensation_done(v: Visit, state: str, error: dict[str, Any] | None) -> Tr
         status = Status.COMPENSATION_FAILED
     else:
         final, status = failure, Status.COMPENSATED
-    return Transition(status=status, step=v.step.name, queue=v.queue, attempt=v.attempt,
+    return Transition(status=status, step=p.step, queue=p.queue, attempt=p.attempt,
                       state=state, error=_dumps(final), outcome=outcome, next_step=None,
                       compensations="[]", compensation_errors=_dumps(errs))
+
+
+def _entry_queue(p: Position, entry: dict[str, Any]) -> str:
+    """A stack entry's queue (pushed with it), else the code's, else the run's."""
+    queue = entry.get("queue") or p.queue_of(str(entry["compensation"]))
+    return str(queue) if queue else p.queue
+
+
+def _compensation_queue(v: Visit, name: str) -> str:
+    return v.position.queue_of(name) or v.queue

@@ -514,9 +514,13 @@ class Store(SweepStore):
             conn.execute(SET_LOCK_TIMEOUT, {"ms": f"{max(int(lock_timeout * 1000), 1)}ms"})
             return bool(conn.execute(RELEASE, params).rowcount)
 
-    def commit(self, claim: Claim, transition: Transition, *, worker: str,
-               started_at: datetime | None) -> Committed | None:
-        """Commit an outcome under the claim's lease; None when the lease was lost."""
+    def commit(self, claim: Claim, transition: Transition, *, worker: str | None,
+               started_at: datetime | None, lock_timeout: float | None = None,
+               ) -> Committed | None:
+        """Commit an outcome under the claim's lease; None when the lease was lost.
+
+        ``lock_timeout`` (seconds): wait at most that long on a locked row (the run, its
+        parent), else raise a transient ``StorageError``; the coordinator commits so."""
         t = transition
         params = {
             "id": claim.workflow_id, "lease": claim.lease, "seq": claim.seq,
@@ -535,7 +539,7 @@ class Store(SweepStore):
         # A Next, Retry or ending is one statement: autocommit, one round trip. Parking
         # (re-check the inbox), timers (NOTIFY), spawning, the ending of a child (its parent
         # counts it) and handing on a concurrency key take a transaction.
-        if t.status not in (Status.AWAITING, Status.AWAITING_CHILDREN) \
+        if lock_timeout is None and t.status not in (Status.AWAITING, Status.AWAITING_CHILDREN) \
                 and not (t.terminal and claim.parent_id is not None) \
                 and t.children is None and claim.concurrency_key is None \
                 and not (t.status in (Status.RUNNABLE, Status.COMPENSATING) and not t.publish):
@@ -546,6 +550,8 @@ class Store(SweepStore):
             return Committed(seq=found["seq"], status=found["status"],
                              dispatch=Dispatch.from_row(found) if t.publish else None)
         with self.db.begin() as conn:
+            if lock_timeout is not None:
+                conn.execute(SET_LOCK_TIMEOUT, {"ms": f"{max(int(lock_timeout * 1000), 1)}ms"})
             row = conn.execute(COMMIT, params).mappings().first()
             if row is None:
                 return None

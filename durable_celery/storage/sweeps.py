@@ -11,7 +11,7 @@ import psycopg
 
 from durable_celery.storage import composition
 from durable_celery.storage.engine import EngineHolder, driver_sql, translate_errors
-from durable_celery.storage.records import TERMINAL, Dispatch
+from durable_celery.storage.records import Claim, Dispatch
 from durable_celery.storage.sql import DISPATCH_COLUMNS, NOTIFY
 from durable_celery.storage.sql import q as _q
 
@@ -100,19 +100,15 @@ SELECT LEAST(
 ) - now()
 """)
 
-# A lost forward step goes back to runnable; after max_recoveries it fails, or starts
-# compensating when completed steps have compensations. A lost compensation runs again;
-# after max_recoveries its error is recorded and the next compensation (or the end) follows.
-# An end the reaper decides is committed like a step's: a history row ('fail' or
-# 'compensation_failed', naming the compensation that runs next) and seq + 1; the next
-# compensation goes to the queue its stack entry names.
-# Never waits on a lock: lost runs are taken with SKIP LOCKED, and one whose end its parent
-# must count in this transaction is left for the next pass while the parent row is locked
-# (a caller's transaction that signalled it, say).
+# A lost step (its worker's heartbeat is stale) runs again: runnable (a compensation stays
+# compensating) at attempt + 1, error WorkerLost. One lost max_recoveries times is left
+# as it is (still held by the dead lease) and named in the result: the reaper decides its
+# end with the compensation transition (runtime/outcomes.py, the one owner of it) and
+# commits it through COMMIT under that lease, as a worker would have.
+# Never waits on a lock: lost runs are taken with SKIP LOCKED.
 REAP = _q("""
 WITH lost AS (
-  SELECT r.id, r.parent_id, r.recoveries + 1 >= :max_recoveries AS exhausted,
-         r.status = 'compensating' AS comp, jsonb_array_length(r.compensations) AS pending
+  SELECT r.id, r.recoveries + 1 >= :max_recoveries AS exhausted
   FROM {S}.runs AS r
   WHERE r.status IN ('executing', 'compensating')
     -- The claim itself proves the owner was alive then: a worker re-registering after a
@@ -124,79 +120,34 @@ WITH lost AS (
                       AND w.heartbeat_at >= now() - make_interval(secs => :stale))
   LIMIT :limit
   FOR UPDATE OF r SKIP LOCKED
-), ending AS (
-  SELECT id, parent_id FROM lost
-  WHERE parent_id IS NOT NULL AND exhausted
-    AND ((NOT comp AND pending = 0) OR (comp AND pending <= 1))
-), parents AS (
-  SELECT p.id FROM {S}.runs AS p WHERE p.id IN (SELECT parent_id FROM ending)
-  FOR UPDATE SKIP LOCKED
-), y AS (
-  SELECT l.id, l.exhausted, l.comp, l.exhausted AND l.comp AS comp_failed,
-         CASE
-           WHEN NOT l.exhausted THEN CASE WHEN l.comp THEN 'compensating' ELSE 'runnable' END
-           WHEN NOT l.comp THEN CASE WHEN l.pending > 0 THEN 'compensating' ELSE 'failed' END
-           WHEN l.pending > 1 THEN 'compensating'
-           ELSE 'compensation_failed'
-         END AS new_status,
-         CASE WHEN l.exhausted AND NOT l.comp AND l.pending > 0 THEN r.compensations -> -1
-              WHEN l.exhausted AND l.comp AND l.pending > 1 THEN r.compensations -> -2
-         END AS next_comp,
-         jsonb_build_object('type', 'WorkerLost',
-                            'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
-                            'worker', r.owner) AS err,
-         r.step AS ran_step, r.attempt AS ran_attempt, r.owner AS ran_owner,
-         r.started_at AS ran_started
-  FROM lost AS l JOIN {S}.runs AS r ON r.id = l.id
-  WHERE NOT EXISTS (SELECT 1 FROM ending AS e WHERE e.id = l.id
-                    AND NOT EXISTS (SELECT 1 FROM parents AS p WHERE p.id = e.parent_id))
-), z AS (
-  SELECT y.*, CASE WHEN y.comp_failed
-                   THEN r.compensation_errors || jsonb_build_array(y.err || jsonb_build_object(
-                            'compensation', r.step, 'attempts', r.attempt + 1))
-                   ELSE r.compensation_errors END AS errs
-  FROM y JOIN {S}.runs AS r ON r.id = y.id
 ), upd AS (
   UPDATE {S}.runs AS r SET
-    status = z.new_status,
-    finished_at = CASE WHEN z.new_status IN ('failed', 'compensation_failed') THEN now() END,
-    step = COALESCE(z.next_comp ->> 'compensation', r.step),
-    queue = COALESCE(z.next_comp ->> 'queue', r.queue),
-    seq = r.seq + CASE WHEN z.exhausted THEN 1 ELSE 0 END,
-    visit = CASE WHEN z.next_comp IS NOT NULL THEN r.seq + 1 ELSE r.visit END,
-    compensations = CASE WHEN z.comp_failed THEN r.compensations - (-1)
-                         ELSE r.compensations END,
-    compensation_errors = z.errs,
-    failure = CASE WHEN z.exhausted AND NOT z.comp THEN z.err ELSE r.failure END,
-    attempt = CASE WHEN z.exhausted AND z.new_status = 'compensating' THEN 0
-                   ELSE r.attempt + 1 END,
-    recoveries = CASE WHEN z.exhausted AND z.new_status = 'compensating' THEN 0
-                      ELSE r.recoveries + 1 END,
-    error = CASE WHEN z.new_status = 'compensation_failed' THEN jsonb_build_object(
-                     'type', 'CompensationFailed',
-                     'message', 'compensation failed after: '
-                                || COALESCE(r.failure ->> 'message', 'failure'),
-                     'failure', r.failure, 'compensation_errors', z.errs)
-                 ELSE z.err END,
-    owner = NULL, lease = NULL, started_at = NULL, updated_at = now(),
-    eligible_at = now(),
-    dispatch_at = CASE WHEN z.new_status IN ('runnable', 'compensating')
-                       THEN now() + make_interval(secs => :redispatch) END,
+    status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
+    attempt = r.attempt + 1, recoveries = r.recoveries + 1,
+    error = jsonb_build_object('type', 'WorkerLost',
+                               'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
+                               'worker', r.owner),
+    owner = NULL, lease = NULL, started_at = NULL, updated_at = now(), eligible_at = now(),
+    dispatch_at = now() + make_interval(secs => :redispatch),
     dispatched_at = now(), dispatch_count = 1
-  FROM z WHERE r.id = z.id
+  FROM lost WHERE r.id = lost.id AND NOT lost.exhausted
   RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.status, r.parent_id,
-            r.spawn_seq, r.state, z.exhausted, z.comp, z.err, z.ran_step, z.ran_attempt,
-            z.ran_owner, z.ran_started
-), h AS (
-  INSERT INTO {S}.steps (run_id, seq, step, attempt, outcome, next_step, state, error,
-                         started_at, worker)
-  SELECT u.id, u.seq, u.ran_step, u.ran_attempt,
-         CASE WHEN u.comp THEN 'compensation_failed' ELSE 'fail' END,
-         CASE WHEN u.status = 'compensating' THEN u.step END, u.state, u.err,
-         u.ran_started, u.ran_owner
-  FROM upd AS u WHERE u.exhausted
+            r.spawn_seq
 )
-SELECT id, workflow, step, seq, queue, priority, status, parent_id, spawn_seq FROM upd
+SELECT id, workflow, step, seq, queue, priority, status, parent_id, spawn_seq,
+       false AS exhausted FROM upd
+UNION ALL
+SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM lost WHERE exhausted
+""")
+
+# A run lost max_recoveries times, as a claim under its dead owner's lease (see REAP).
+LOST_FOR_GOOD = _q("""
+SELECT r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key,
+       r.run_queue, r.queue, r.priority, r.timed_out, r.concurrency_key, r.parent_id,
+       r.status, r.compensations, r.compensation_errors, r.failure, r.single_step,
+       r.lease, r.owner, r.started_at, r.recoveries + 1 AS losses,
+       NULL::jsonb AS children, NULL::jsonb AS signals
+FROM {S}.runs AS r WHERE r.id = ANY(:ids) AND r.lease IS NOT NULL
 """)
 
 DELETE_DEAD_WORKERS = _q("""
@@ -300,11 +251,21 @@ WHERE id IN (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reaped:
-    """What a reaper pass did: runs to publish again, runs that ended, parents woken."""
+    """What a reaper statement did: runs to publish again (they run again), and runs lost
+    once too often, whose end the reaper decides and commits (``Store.commit``)."""
 
     publish: list[Dispatch]
-    failed: int
-    wakes: list[Dispatch]
+    lost: list[Lost]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lost:
+    """A run whose worker died ``losses`` times: the step it held, as a claim."""
+
+    claim: Claim
+    owner: str | None
+    started_at: Any
+    losses: int
 
 
 class SweepStore:
@@ -361,13 +322,14 @@ class SweepStore:
             rows = conn.execute(REAP, {"stale": stale_after, "max_recoveries": max_recoveries,
                                        "limit": limit, "redispatch": self.redispatch_after,
                                        }).mappings().all()
-            wakes = composition.children_finished(conn, [
-                composition.Finished(r["parent_id"], r["spawn_seq"]) for r in rows
-                if r["status"] in TERMINAL and r["parent_id"] is not None],
-                redispatch=self.redispatch_after)
+            ids = [r["id"] for r in rows if r["exhausted"]]
+            lost = [Lost(claim=Claim.from_row(r, lease=r["lease"]), owner=r["owner"],
+                         started_at=r["started_at"], losses=r["losses"])
+                    for r in (conn.execute(LOST_FOR_GOOD, {"ids": ids}).mappings().all()
+                              if ids else ())]
             conn.execute(DELETE_DEAD_WORKERS, {"stale": stale_after})
-        publish = [Dispatch.from_row(r) for r in rows if r["status"] not in TERMINAL]
-        return Reaped(publish=publish, failed=len(rows) - len(publish), wakes=wakes)
+        return Reaped(publish=[Dispatch.from_row(r) for r in rows if not r["exhausted"]],
+                      lost=lost)
 
     def pay_owed_slots(self, limit: int) -> list[Dispatch]:
         """Release held foreach children whose release was skipped (their row was locked);

@@ -129,10 +129,14 @@ def test_too_many_worker_losses_fail_the_run(make_durable, db_engine, monkeypatc
     age_claims(db_engine, DEAD)
     assert reaper.run_once() == 1
     row = run_row(db_engine, wid)
-    assert (row["status"], row["attempt"], row["recoveries"]) == ("failed", 2, 2)
+    # The end is the attempt that ran (as for a step that raised), committed like one.
+    assert (row["status"], row["attempt"], row["seq"]) == ("failed", 1, 1)
     assert row["finished_at"] is not None
     assert row["owner"] is None
-    assert row["error"]["type"] == "WorkerLost"
+    assert (row["error"]["type"], row["error"]["message"], row["error"]["attempts"]) == (
+        "WorkerLost", "worker lost (2 times)", 2)
+    assert [(s.step, s.outcome, s.worker) for s in durable.workflow_steps(wid)] == [
+        ("charge", "fail", DEAD)]
     assert len(published) == 0
     with pytest.raises(WorkflowFailed):
         durable.wait_result(wid, timeout=1)
@@ -383,3 +387,24 @@ def test_heartbeats_go_on_while_an_orphan_release_waits_on_a_lock(make_durable, 
         time.sleep(0.1)
     assert (run_row(db_engine, x)["status"], run_row(db_engine, x)["owner"]) == ("runnable", None)
     assert run_row(db_engine, y)["status"] == "executing"
+
+
+def test_a_run_ended_by_the_reaper_hands_on_its_concurrency_key_at_once(make_durable,
+                                                                        db_engine, recorder):
+    """A run lost max_recoveries times ends through the step commit: the next run waiting
+    for its concurrency key is handed the key by that commit and dispatched by the next
+    pass, not KEY_QUIET seconds later by the safety net."""
+    durable = make_durable(max_recoveries=1)
+    published = recorder(durable)
+    wf = declare_work(durable, [])
+    first = wf.start(concurrency_key="acct:1")
+    second = wf.start(concurrency_key="acct:1")
+    lose_step(durable, db_engine, first)
+    assert durable.executor.execute(second, 0) == "stale"  # the key is held
+    published.clear()
+    assert durable.coordinator().reaper.run_once() == 1
+    assert run_row(db_engine, first)["status"] == "failed"
+    assert durable.coordinator().dispatcher.run_once() == 1
+    assert [s.args[0] for s in published.sent] == [second]
+    drain(durable)
+    assert durable.wait_result(second, timeout=5) == {"attempt": 0}
