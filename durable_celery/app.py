@@ -15,7 +15,7 @@ from celery import Celery
 
 from durable_celery import errors, integration, tasks
 from durable_celery import settings as settings_mod
-from durable_celery.checks import check_identifier, check_name, check_run_ahead, check_version
+from durable_celery.checks import check_name, check_run_ahead, check_version
 from durable_celery.controls import Controls
 from durable_celery.coordinator import bootstep
 from durable_celery.coordinator.cron import Schedules
@@ -34,8 +34,6 @@ from durable_celery.storage.listener import Endings
 from durable_celery.storage.records import Run, SignalResult, StepRecord
 from durable_celery.storage.schedules import Schedule, ScheduleStore
 from durable_celery.storage.store import Store
-
-__all__ = ["Durable", "check_identifier"]
 
 log = logging.getLogger("durable_celery")
 

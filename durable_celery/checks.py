@@ -1,22 +1,24 @@
-"""Every argument check and every limit, in one place.
+"""The argument checks and limits the package shares: names, identifiers, priorities,
+versions, durations, key reuse, batches, request keys, signal names.
 
 Each check returns the value it accepts (normalised where that is its job) or raises a typed
 error (``InvalidArgument`` unless the caller's layer names another, e.g. the controls'
-``InvalidRequest``). Shared by the façade, definitions, outcomes, signals, controls, cron and
-the drop-in, so one rule is written once. Bottom layer: imports only errors, payloads and
-settings.
+``InvalidRequest``). Used by the façade, definitions, outcomes, settings, signals, controls,
+cron and the drop-in, so one rule is written once. Bottom layer: imports only errors and
+payloads. (A limit only one module uses, say a cron expression's length, stays there.)
 """
 
 from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from typing import Any
 
 from durable_celery import errors, payloads
-from durable_celery import settings as settings_mod
 
 MAX_ID = 200                 # workflow ids, keys, dedup keys, request keys
+MAX_SIGNAL_NAME = 200
 MAX_VERSION = 2**31 - 1      # workflow versions (an int column)
 MAX_BATCH = 100_000          # runs per start_many call
 MAX_LIST = 10_000            # runs per list_workflows call
@@ -24,6 +26,8 @@ MAX_LIST = 10_000            # runs per list_workflows call
 # well inside what Postgres intervals and timestamps hold.
 MAX_SECONDS = 100 * 366 * 24 * 3600.0
 MAX_PRIORITY = 9
+# How a finished run treats its business key (see start(key_reuse=...)).
+KEY_REUSE = ("reject", "after_failure", "after_finish")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")
 
@@ -37,6 +41,16 @@ def check_identifier(value: Any, what: str) -> str:
             f"lone surrogates; got {value!r}"[:400]
         )
     return value
+
+
+def check_signal_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME \
+            or not payloads.storable(name):
+        raise errors.InvalidArgument(
+            f"a signal name must be a non-blank string of at most {MAX_SIGNAL_NAME} characters "
+            f"without NUL or lone surrogates; got {name!r}"[:400]
+        )
+    return name
 
 
 def check_name(value: Any, what: str) -> str:
@@ -83,9 +97,9 @@ def check_key_reuse(value: Any, default: str) -> str:
     """A start's key reuse policy: ``value``, else ``default`` (the ``key_reuse`` setting)."""
     if value is None:
         return default
-    if value not in settings_mod.KEY_REUSE:
+    if value not in KEY_REUSE:
         raise errors.InvalidArgument(
-            f"key_reuse must be one of {list(settings_mod.KEY_REUSE)}, got {value!r}"[:300])
+            f"key_reuse must be one of {list(KEY_REUSE)}, got {value!r}"[:300])
     return str(value)
 
 
@@ -111,8 +125,6 @@ def check_limit(limit: Any, high: int = MAX_LIST) -> int:
 
 def check_when(delay: Any, at: Any) -> None:
     """``delay=`` (seconds) or ``at=`` (an aware datetime), not both."""
-    from datetime import datetime
-
     if delay is not None and at is not None:
         raise errors.InvalidArgument("pass delay= or at=, not both")
     if delay is not None:

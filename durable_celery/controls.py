@@ -27,8 +27,6 @@ from durable_celery.storage import migrate as migrate_mod
 from durable_celery.storage.controls import ControlOutcome, ControlStore, ForkSource
 from durable_celery.storage.engine import EngineHolder
 
-__all__ = ["Controls", "check_request_key", "check_workflow_id", "parse_start_step"]
-
 log = logging.getLogger("durable_celery.controls")
 
 MAX_REASON = 2000

@@ -11,12 +11,12 @@ from datetime import timedelta
 from typing import Any
 
 from durable_celery import errors
+from durable_celery.checks import KEY_REUSE
+from durable_celery.checks import MAX_SECONDS as MAX_DURATION
 
-MAX_DURATION = 100 * 366 * 24 * 3600.0  # seconds: beyond this, Postgres intervals overflow
 MAX_COUNT = 2**31 - 1
 MAX_TIMER_LEAD = 5.0  # seconds a due timer's message may be published ahead (with an eta)
 # What a finished run does to its business key (see docs/guide.md, "Business keys").
-KEY_REUSE = ("reject", "after_failure", "after_finish")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,9 +12,8 @@ import logging
 from typing import Any
 
 from durable_celery import errors, payloads
-from durable_celery.checks import check_identifier
+from durable_celery.checks import check_identifier, check_signal_name
 from durable_celery.runs import in_callers_transaction
-from durable_celery.runtime.outcomes import check_signal_name
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
 from durable_celery.settings import Settings

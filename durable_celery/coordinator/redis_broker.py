@@ -35,9 +35,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from durable_celery.runtime.publisher import is_redis
-
-__all__ = ["RedisUpkeep", "carries_data", "due_at", "is_redis"]
+from durable_celery.runtime.publisher import is_redis as is_redis  # re-exported
 
 log = logging.getLogger("durable_celery.coordinator")
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from durable_celery import errors, payloads
-from durable_celery.checks import check_seconds
+from durable_celery.checks import check_seconds, check_signal_name
 from durable_celery.definitions import (
     KEEP,
     OUTCOME_TYPES,
@@ -32,8 +32,6 @@ from durable_celery.definitions import (
 from durable_celery.storage.records import Status, Transition
 
 MAX_TRACEBACK = 8000
-MAX_SIGNAL_NAME = 200
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Visit:
@@ -249,16 +247,6 @@ def signal_names(names: Any) -> list[str]:
     for name in collected:
         check_signal_name(name)
     return sorted(set(collected))
-
-
-def check_signal_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_SIGNAL_NAME \
-            or not payloads.storable(name):
-        raise errors.InvalidArgument(
-            f"a signal name must be a non-blank string of at most {MAX_SIGNAL_NAME} characters "
-            f"without NUL or lone surrogates; got {name!r}"[:400]
-        )
-    return name
 
 
 def _seconds(value: Any, what: str) -> float:

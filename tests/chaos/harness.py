@@ -35,8 +35,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from durable_celery import errors
-from durable_celery.testing import WorkerProcess
 from tests.chaos import servers, workerapp
+from tests.processes import LabelledWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_APP = "tests.chaos.workerapp"
@@ -95,11 +95,9 @@ class Probe:
                 self.conn.close()
 
 
-class Worker(WorkerProcess):
+class Worker(LabelledWorker):
     def __init__(self, *args: Any, label: str, log: Path, **kwargs: Any) -> None:
-        super().__init__(*args, log_path=str(log), **kwargs)
-        self.label = label
-        self.log = log
+        super().__init__(*args, label=label, log=log, **kwargs)
         self.supervised = False  # exited, and seen to by the harness
         self.started_at: datetime | None = None
 

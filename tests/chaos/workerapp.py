@@ -34,6 +34,7 @@ import psycopg
 from celery import Celery
 
 from durable_celery import Await, Done, Durable, Fail, Sleep, foreach
+from tests.processes import ThreadConnections
 
 SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
                               "sweep_interval": 0.2, "redispatch_after": 2.0}
@@ -62,28 +63,16 @@ CREATE TABLE IF NOT EXISTS chaos.effects (
 faults_log = logging.getLogger("chaos.faults")
 
 
-def psycopg_url(database_url: str) -> str:
-    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def expected_result(state: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """What step ``e`` returns: a function of the run's input and the signal's payload."""
     return {"i": state["i"], "total": state["x"] * 1000 + payload["v"]}
 
 
-class Effects:
+class Effects(ThreadConnections):
     """One autocommit connection per process and thread; reconnects after errors."""
 
     def __init__(self, database_url: str) -> None:
-        self.dsn = psycopg_url(database_url)
-        self._local = threading.local()
-
-    def _conn(self) -> psycopg.Connection[Any]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or getattr(self._local, "pid", None) != os.getpid():
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
+        super().__init__(database_url, connect_timeout=5)
 
     def record(self, ctx: Any, step: str) -> None:
         self.record_raw(ctx.workflow_id, step, ctx.attempt, ctx.idempotency_key)

@@ -25,8 +25,8 @@ import psycopg
 import pytest
 
 from durable_celery import Durable
-from durable_celery.testing import WorkerProcess
 from tests.e2e import workerapp
+from tests.processes import LabelledWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_APP = "tests.e2e.workerapp"
@@ -98,13 +98,7 @@ class DB:
         self.conn.close()
 
 
-class Worker(WorkerProcess):
-    """A WorkerProcess that knows its label (``DURABLE_CELERY_NODENAME``) and log file."""
-
-    def __init__(self, *args: Any, label: str, log: Path, **kwargs: Any) -> None:
-        super().__init__(*args, log_path=str(log), **kwargs)
-        self.label = label
-        self.log = log
+class Worker(LabelledWorker):
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> Worker:
         """Wait for Celery's "<nodename> ready." log line."""

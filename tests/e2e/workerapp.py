@@ -12,15 +12,15 @@ plain psycopg, one row per execution, so tests can count how often each step rea
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from celery import Celery
 
 from durable_celery import Await, Done, Durable, Fail, Sleep, Spawn, foreach
+from tests.processes import ThreadConnections
+from tests.processes import psycopg_url as psycopg_url  # tests use workerapp.psycopg_url
 
 SETTINGS: dict[str, float] = {"heartbeat_interval": 0.5, "stale_after": 3.0,
                               "sweep_interval": 0.2, "redispatch_after": 3.0}
@@ -38,27 +38,8 @@ CREATE TABLE IF NOT EXISTS public.e2e_effects (
 """
 
 
-def psycopg_url(database_url: str) -> str:
-    """The SQLAlchemy ``postgresql+psycopg://`` URL as a libpq URL for plain psycopg."""
-    for prefix in ("postgresql+psycopg://", "postgres://"):
-        if database_url.startswith(prefix):
-            return "postgresql://" + database_url[len(prefix):]
-    return database_url
-
-
-class Effects:
+class Effects(ThreadConnections):
     """Records step executions; one autocommit connection per process and thread."""
-
-    def __init__(self, database_url: str) -> None:
-        self.dsn = psycopg_url(database_url)
-        self._local = threading.local()
-
-    def _conn(self) -> psycopg.Connection[Any]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or getattr(self._local, "pid", None) != os.getpid():
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
 
     def record(self, ctx: Any, step: str) -> None:
         self._conn().execute(

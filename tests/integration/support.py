@@ -12,8 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from durable_celery import Durable
-
-SCHEMA = "durable_celery"
+from durable_celery.storage.sql import q
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,6 @@ class Recorder:
     def __len__(self) -> int:
         with self._lock:
             return len(self.sent)
-
-
-def q(sql: str) -> sa.TextClause:
-    return sa.text(sql.replace("{S}", SCHEMA))
 
 
 def run_row(engine: sa.Engine, workflow_id: str) -> dict[str, Any]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from durable_celery import Await, Done, InvalidArgument
+from durable_celery import Await, Done, InvalidArgument, Next
 from durable_celery.testing import drain
-from tests.integration.support import run_row, start_threads
+from tests.integration.support import run_row, scalar, start_threads
 
 
 def declare(durable, mode="all", timeout=None):
@@ -99,3 +99,33 @@ def test_all_with_signals_arriving_at_once_wakes_once(make_durable, monkeypatch,
 def test_a_bad_mode_is_refused():
     with pytest.raises(InvalidArgument, match="Await mode must be 'any' or 'all'"):
         Await("x", mode="most")
+
+
+def test_await_all_survives_the_fast_path(durable, published, db_engine):
+    """Invariant (holds): Await(mode='all') commits through the transaction (parking), a
+    partial set of signals does not wake it, the full set does, and the next step's Next
+    (fast path) consumes them all."""
+    wf = durable.workflow("seam_all")
+
+    @wf.step
+    def park(ctx):
+        return Await({"a", "b"}, mode="all")
+
+    @wf.step
+    def seen(ctx):
+        return Next("end", state={"names": sorted(s.name for s in ctx.signals)})
+
+    @wf.step
+    def end(ctx):
+        return Done(ctx.state["names"])
+
+    wid = wf.start()
+    drain(durable)
+    durable.signal(wid, "a")
+    drain(durable)
+    assert durable.get_workflow(wid).status == "awaiting"
+    durable.signal(wid, "b")
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["a", "b"]
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.signals WHERE run_id = :id "
+                             "AND consumed_at IS NULL", id=wid) == 0

@@ -4,11 +4,13 @@ durable step with its own retry policy and history row; then ``compensated`` or
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from durable_celery import Done, Fail, Retry, Spawn, WorkflowFailed
+from durable_celery.storage.sql import WAKEUP_CHANNEL
 from durable_celery.testing import drain
-from tests.integration.support import Recorder, execute_sql, run_row
+from tests.integration.support import Recorder, execute_sql, run_row, scalar
 
 DEAD = "dead-host:2:saga"
 
@@ -303,7 +305,6 @@ def test_a_missing_compensation_is_refused_before_anything_runs(durable, db_engi
         wf.start()
     with pytest.raises(InvalidArgument, match=r"\['undo_it'\]"):
         durable.check_definitions()
-    from tests.integration.support import scalar
 
     assert scalar(db_engine, "SELECT count(*) FROM {S}.runs") == 0
 
@@ -312,3 +313,39 @@ def test_a_missing_compensation_is_refused_before_anything_runs(durable, db_engi
         return None
 
     durable.check_definitions()
+
+
+def test_a_delayed_compensation_retry_wakes_the_dispatchers(durable, published, db_engine,
+                                                            database_url):
+    """Regression: a compensation's Retry(delay) commits status 'compensating' with a future
+    eligible_at. Store.commit's fast-path test only excludes ``status == 'runnable' and not
+    publish`` as a timer, so this timer commits without the NOTIFY that makes sleeping
+    dispatchers re-plan: it fires only when some dispatcher happens to wake."""
+    wf = durable.workflow("seam_comp_retry")
+
+    @wf.step(compensate="undo")
+    def reserve(ctx):
+        return None
+
+    @wf.step
+    def pay(ctx):
+        return Fail("declined")
+
+    @wf.compensation
+    def undo(ctx):
+        if ctx.attempt == 0:
+            return Retry(delay=30)
+        return None
+
+    wid = wf.start()
+    drain(durable, max_steps=2)
+    assert durable.get_workflow(wid).status == "compensating"
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {WAKEUP_CHANNEL}")
+        seq = run_row(db_engine, wid)["seq"]
+        assert durable.executor.execute(wid, seq) == "committed"
+        row = run_row(db_engine, wid)
+        assert row["status"] == "compensating" and row["attempt"] == 1
+        notified = list(listener.notifies(timeout=1.0, stop_after=1))
+    assert notified, "a durable timer was committed without waking the dispatchers"

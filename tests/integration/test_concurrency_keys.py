@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from durable_celery import Await, Done, InvalidArgument, Sleep
+from durable_celery import Await, Done, Fail, InvalidArgument, Sleep
 from durable_celery.testing import drain
-from tests.integration.support import execute_sql, run_row, start_threads, wait_for
+from tests.integration.support import execute_sql, run_row, scalar, start_threads, wait_for
 
 
 @pytest.fixture
@@ -327,3 +327,104 @@ def test_a_locked_waiter_never_blocks_a_coordinator_pass(durable, published, blo
         assert published.for_run(timer)
     durable.coordinator().dispatcher.run_once()  # lock gone: b is woken now
     assert published.for_run(b)
+
+
+def live_executing_with_key(engine, key):
+    """Runs whose step is being executed right now (claimed) under concurrency key ``key``."""
+    return scalar(engine, "SELECT count(*) FROM {S}.runs WHERE concurrency_key = :k "
+                          "AND owner IS NOT NULL AND status IN ('executing', 'compensating')",
+                  k=key)
+
+
+def test_a_running_compensation_holds_its_concurrency_key(durable, published, db_engine):
+    """Regression: a compensation claimed under a concurrency key does not exclude other runs of
+    the key. The claim keeps status 'compensating', and both the CLAIM's NOT EXISTS and the
+    unique index only look at status = 'executing'."""
+    wf = durable.workflow("keyed_saga")
+
+    @wf.step(compensate="undo")
+    def reserve(ctx):
+        return None
+
+    @wf.step
+    def pay(ctx):
+        return Fail("declined")
+
+    @wf.compensation
+    def undo(ctx):
+        return None
+
+    a = wf.start(concurrency_key="acct:1")
+    drain(durable, max_steps=2)
+    row = run_row(db_engine, a)
+    assert row["status"] == "compensating" and row["owner"] is None
+    b = wf.start(concurrency_key="acct:1")
+    # a's compensation is claimed first (its message arrives), then b's first step.
+    claimed_a = durable.store.claim(a, row["seq"], "worker-a")
+    assert claimed_a is not None and claimed_a[0].compensating
+    claimed_b = durable.store.claim(b, 0, "worker-b")
+    assert live_executing_with_key(db_engine, "acct:1") <= 1, (
+        "two runs of one concurrency key execute at once (a compensation and a step)")
+    assert claimed_b is None
+
+
+def test_a_waiting_compensation_goes_first_in_its_key_queue(durable, published, db_engine):
+    """Finding 10: a compensation waiting for its concurrency key is ahead of runs that
+    arrive later: a newcomer's claim is refused, the compensation claims the key, and its
+    end hands the key on to the newcomer."""
+    wf = durable.workflow("keyed_saga2")
+
+    @wf.step(compensate="undo")
+    def reserve(ctx):
+        return None
+
+    @wf.step
+    def pay(ctx):
+        return Fail("declined") if ctx.state.get("decline") else Done("paid")
+
+    @wf.compensation
+    def undo(ctx):
+        return None
+
+    a = wf.start({"decline": True}, concurrency_key="acct:2")
+    drain(durable, max_steps=2)
+    seq_a = run_row(db_engine, a)["seq"]
+    assert run_row(db_engine, a)["status"] == "compensating"
+    b = wf.start({}, concurrency_key="acct:2")
+    assert durable.store.claim(b, 0, "worker-b") is None  # the compensation is ahead
+    claimed_a = durable.store.claim(a, seq_a, "worker-a")
+    assert claimed_a is not None and claimed_a[0].compensating
+    assert durable.store.release(claimed_a[0], after=0.0)
+    published.clear()
+    drain(durable)
+    assert durable.get_workflow(a).status == "compensated"
+    assert durable.wait_result(b, timeout=5) == "paid"
+
+
+def test_a_resumed_durable_task_hands_its_concurrency_key_on(durable, published, db_engine):
+    """Invariant (holds): a @durable.task run with a concurrency key that is cancelled while
+    executing, then resumed, runs once the key is free, and a waiter of the key runs too."""
+    gate = threading.Event()
+    entered = threading.Event()
+
+    @durable.task(name="seam.keyed_task")
+    def keyed(x):
+        if x == "first" and not gate.is_set():
+            entered.set()
+            assert gate.wait(10)
+        return x
+
+    a = keyed.apply_async(["first"], concurrency_key="k:t").id
+    b = keyed.apply_async(["second"], concurrency_key="k:t").id
+    t = threading.Thread(target=lambda: durable.executor.execute(a, 0))
+    t.start()
+    assert entered.wait(10)
+    durable.cancel_workflow(a, "cancel-a")
+    gate.set()
+    t.join(10)
+    assert durable.get_workflow(a).status == "cancelled"
+    durable.resume_workflow(a, "resume-a")
+    drain(durable)
+    assert durable.wait_result(a, timeout=5) == "first"
+    assert durable.wait_result(b, timeout=5) == "second"
+    assert live_executing_with_key(db_engine, "k:t") == 0

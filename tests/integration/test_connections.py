@@ -3,6 +3,7 @@ noticed (keepalives), and statements prepared before a migration keep working (P
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from durable_celery import Done, StorageError
 from durable_celery.storage import migrate
 from durable_celery.storage.engine import PREPARE_THRESHOLD, EngineHolder
+from durable_celery.storage.listener import Listener
 from durable_celery.testing import drain
 from tests import services
 
@@ -103,3 +105,13 @@ def test_a_migration_adding_a_column_breaks_no_prepared_statement(make_durable,
     except StorageError as exc:
         assert exc.transient and exc.details["sqlstate"] == "0A000"
     assert len(durable.workflow_steps(wid)) == 1
+
+
+def test_the_listener_never_spins_without_a_database():
+    from durable_celery.storage.engine import EngineHolder
+
+    listener = Listener(EngineHolder("postgresql+psycopg://postgres@127.0.0.1:1/none"))
+    began = time.monotonic()
+    assert listener.wait(0) is False
+    assert time.monotonic() - began >= 0.2
+    listener.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from durable_celery import Done, Next
+from durable_celery import Done, Fail, Next, Spawn
 from durable_celery.errors import (
     ControlError,
     DuplicateWorkflow,
@@ -293,3 +293,81 @@ def test_fork_with_an_out_of_range_version_is_a_400(make_durable, db_engine):
     # A plausible version is trusted: the run row records it.
     new_id = stranger.fork_workflow(wid, "f-v7", application_version=7)["workflow_id"]
     assert run_row(db_engine, new_id)["version"] == 7
+
+
+def test_forking_a_child_started_from_a_step_function_runs_only_that_step(durable, published,
+                                                                          db_engine):
+    """Regression: a child spawned from a step function runs that one step (single_step). A fork
+    of it starts at the workflow's FIRST step (not the step the child ran), without
+    single_step, so it runs the whole workflow."""
+    ran: list[str] = []
+    tools = durable.workflow("seam_tools")
+
+    @tools.step
+    def first(ctx):
+        ran.append("first")
+
+    @tools.step
+    def middle(ctx):
+        ran.append("middle")
+        return {"m": True}
+
+    @tools.step
+    def last(ctx):
+        ran.append("last")
+        return Done("last")
+
+    parent = durable.workflow("seam_parent")
+
+    @parent.step
+    def fan(ctx):
+        return Spawn([middle])
+
+    @parent.step
+    def join(ctx):
+        return Done([c.result for c in ctx.children])
+
+    wid = parent.start()
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == [{"m": True}]
+    assert ran == ["middle"]
+    child = scalar(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p", p=wid)
+    ran.clear()
+    fork = durable.fork_workflow(child, "fork-child")["workflow_id"]
+    drain(durable)
+    assert ran == ["middle"], f"the fork of a one-step child ran {ran}"
+    assert durable.wait_result(fork, timeout=5) == {"m": True}
+
+
+def test_forking_a_compensated_saga_from_its_last_step(durable, published):
+    """Regression: a compensated run's history ends with compensation rows ('undo', outcome
+    'compensated'). A fork "past the end" (the last completed step, as _fork documents)
+    picks that row and is refused with InvalidRequest "has no step 'undo'"; forking at the
+    compensation's number is refused the same way. Compensation rows should not count as
+    completed steps to fork from."""
+    ran: list[str] = []
+    wf = durable.workflow("seam_fork_saga")
+
+    @wf.step(compensate="undo")
+    def reserve(ctx):
+        ran.append("reserve")
+
+    @wf.step
+    def pay(ctx):
+        ran.append("pay")
+        if ctx.state.get("forked"):
+            return Done("paid")
+        return Fail("declined")
+
+    @wf.compensation
+    def undo(ctx):
+        ran.append("undo")
+
+    wid = wf.start()
+    drain(durable)
+    assert durable.get_workflow(wid).status == "compensated"
+    assert [s.step for s in durable.workflow_steps(wid)] == ["reserve", "pay", "undo"]
+    ran.clear()
+    fork = durable.fork_workflow(wid, "fork-saga-end", start_step=99)["workflow_id"]
+    drain(durable)
+    assert ran[:1] == ["pay"] and durable.get_workflow(fork).forked_from == wid

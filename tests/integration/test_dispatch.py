@@ -126,3 +126,26 @@ def test_two_dispatchers_never_publish_a_due_row_twice(make_durable, db_engine, 
     assert max(per_run.values()) == 1
     assert {r["dispatch_count"] for r in rows(db_engine, "SELECT dispatch_count FROM {S}.runs")} \
         == {2}
+
+
+def test_the_dispatcher_stops_at_the_first_broker_failure(durable, db_engine, monkeypatch):
+    wf = durable.workflow("broker_down")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    monkeypatch.setattr(durable.publisher, "publish", lambda dispatch: True)  # started, never sent
+    ids = [wf.start() for _ in range(5)]
+    execute_sql(db_engine, "UPDATE {S}.runs SET dispatch_at = now() - interval '1 second'")
+    calls = []
+
+    def broker_down(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(durable.app, "send_task", broker_down)
+    assert durable.coordinator().dispatcher.run_once() == 0
+    assert len(calls) == 1  # not one slow failure per due run
+    due_later = [run_row(db_engine, wid)["dispatch_at"] for wid in ids]
+    assert len(due_later) == 5

@@ -9,7 +9,7 @@ from sqlalchemy import orm
 
 from durable_celery import Await, Done, Fail, foreach
 from durable_celery.testing import drain
-from tests.integration.support import q, rows, run_row
+from tests.integration.support import q, rows, run_row, scalar
 
 
 def declare(durable, cap, n, *, fail_items=()):
@@ -181,3 +181,124 @@ def execute_fix(engine, wid):
 
     execute_sql(engine, "UPDATE {S}.runs SET state = state || '{\"fixed\": true}' "
                         "WHERE id = :id", id=wid)
+
+
+def test_resuming_a_cancelled_held_child_respects_the_foreach_cap(durable, published,
+                                                                   db_engine):
+    """Regression: RESUME clears ``held``: a child cancelled while held behind the foreach cap
+    starts at once when resumed, and the cap is exceeded."""
+    item = durable.workflow("seam_item")
+
+    @item.step
+    def wait(ctx):
+        return Await("go")
+
+    @item.step
+    def end(ctx):
+        return Done(ctx.state["item"])
+
+    bulk = durable.workflow("seam_capped")
+
+    @bulk.step
+    def fan(ctx):
+        return foreach(range(3), item, concurrency=1)
+
+    @bulk.step
+    def report(ctx):
+        return Done([c.status for c in ctx.children])
+
+    wid = bulk.start()
+    drain(durable)
+    kids = rows(db_engine, "SELECT id, held FROM {S}.runs WHERE parent_id = :p "
+                           "ORDER BY child_index", p=wid)
+    assert [k["held"] for k in kids] == [False, True, True]
+    durable.cancel_workflow(kids[2]["id"], "c-held")
+    durable.resume_workflow(kids[2]["id"], "r-held")
+    assert run_row(db_engine, wid)["children_pending"] == 3
+    started = scalar(db_engine, "SELECT count(*) FROM {S}.runs WHERE parent_id = :p "
+                                "AND NOT held AND finished_at IS NULL", p=wid)
+    assert started <= 1, f"{started} children started under concurrency=1"
+
+
+def test_foreach_cap_with_cancel_of_a_started_child_and_resume_of_the_parent_tree(
+        durable, published, db_engine):
+    """Invariant (holds): cancelling the parent cancels held children too, GC-proofing:
+    no held child is left live under a finished parent."""
+    item = durable.workflow("seam_item2")
+
+    @item.step
+    def wait(ctx):
+        return Await("go")
+
+    @item.step
+    def after_go(ctx):
+        return Done("went")
+
+    bulk = durable.workflow("seam_capped2")
+
+    @bulk.step
+    def fan(ctx):
+        return foreach(range(4), item, concurrency=2)
+
+    @bulk.step
+    def report(ctx):
+        return Done(len(ctx.children))
+
+    wid = bulk.start()
+    drain(durable)
+    assert [r["held"] for r in rows(db_engine, "SELECT held FROM {S}.runs WHERE parent_id = :p"
+                                               " AND status = 'awaiting' OR held AND "
+                                               "parent_id = :p ORDER BY child_index",
+                                    p=wid)] == [False, False, True, True]
+    durable.cancel_workflow(wid, "c-root")
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.runs WHERE parent_id = :p "
+                             "AND finished_at IS NULL", p=wid) == 0
+    assert scalar(db_engine, "SELECT count(*) FROM {S}.runs WHERE "
+                             "(finished_at IS NULL) <> (status NOT IN ('done', 'failed', "
+                             "'cancelled', 'compensated', 'compensation_failed'))") == 0
+
+
+def test_a_child_failed_by_the_reaper_counts_once_and_frees_its_slot(make_durable, queue,
+                                                                     monkeypatch, db_engine):
+    """Invariant (holds): a child whose worker died max_recoveries times ends failed with
+    finished_at, decrements its parent exactly once, and releases the next held sibling."""
+    from tests.integration.support import Recorder
+
+    durable = make_durable(max_recoveries=1)
+    Recorder().install(durable, monkeypatch)
+    item = durable.workflow("seam_reaped_item")
+
+    @item.step
+    def work(ctx):
+        return Done(ctx.state["item"])
+
+    bulk = durable.workflow("seam_reaped_bulk")
+
+    @bulk.step
+    def fan(ctx):
+        return foreach(range(3), item, concurrency=1)
+
+    @bulk.step
+    def report(ctx):
+        return Done([c.status for c in ctx.children])
+
+    wid = bulk.start()
+    durable.executor.execute(wid, 0)
+    kids = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
+                                             "ORDER BY child_index", p=wid)]
+    assert durable.store.claim(kids[0], 0, "ghost-worker") is not None
+    with db_engine.begin() as conn:
+        from tests.integration.support import q
+        conn.execute(q("UPDATE {S}.runs SET started_at = now() - interval '1 hour' "
+                       "WHERE id = :id"), {"id": kids[0]})
+    reaper = durable.coordinator().reaper
+    assert reaper.run_once() == 1
+    assert reaper.run_once() == 0  # a second pass must not count the child again
+    row = run_row(db_engine, kids[0])
+    assert row["status"] == "failed" and row["finished_at"] is not None
+    assert run_row(db_engine, wid)["children_pending"] == 2
+    assert [r["held"] for r in rows(db_engine, "SELECT held FROM {S}.runs WHERE parent_id = :p "
+                                               "ORDER BY child_index", p=wid)] == [
+        False, False, True]
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["failed", "done", "done"]

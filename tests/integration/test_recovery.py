@@ -4,6 +4,7 @@ reaper (attempt + 1, error WorkerLost); its late commit is refused and changes n
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -408,3 +409,26 @@ def test_a_run_ended_by_the_reaper_hands_on_its_concurrency_key_at_once(make_dur
     assert [s.args[0] for s in published.sent] == [second]
     drain(durable)
     assert durable.wait_result(second, timeout=5) == {"attempt": 0}
+
+
+def test_the_reaper_waits_for_heartbeats_after_its_own_outage(durable, published, db_engine):
+    wf = durable.workflow("grace")
+
+    @wf.step
+    def only(ctx):
+        return Done()
+
+    wid = wf.start()
+    durable.store.register_worker("stalled", hostname="h", pid=1, nodename=None)
+    assert durable.store.claim(wid, 0, "stalled") is not None
+    execute_sql(db_engine, "UPDATE {S}.workers SET heartbeat_at = now() - interval '1 hour'")
+    execute_sql(db_engine, "UPDATE {S}.runs SET started_at = now() - interval '1 hour'")
+    reaper = durable.coordinator().reaper
+    # Its last successful pass was long ago (the database was away): no judgement yet.
+    reaper._last_pass = time.monotonic() - 3600
+    assert reaper.run_once() == 0
+    assert run_row(db_engine, wid)["status"] == "executing"
+    # After one stale_after with still no heartbeat, the worker is dead.
+    reaper._grace_until = time.monotonic() - 1
+    assert reaper.run_once() == 1
+    assert run_row(db_engine, wid)["status"] == "runnable"

@@ -293,3 +293,25 @@ def test_concurrent_signals_wake_the_run_once_and_none_is_lost(durable, publishe
     assert consumed == sorted(payload for _, payload in seen[0])
     assert sorted(consumed + waiting) == list(range(8))
     assert all(not s["delivered"] for s in inbox if not s["consumed"])
+
+
+def test_a_signal_by_key_reaches_the_live_run_not_a_finished_namesake(durable, published):
+    wf = durable.workflow("namesake")
+
+    @wf.step
+    def park(ctx):
+        return Await("go")
+
+    @wf.step
+    def finish(ctx):
+        return Done(ctx.signals[0].payload)
+
+    finished = wf.start(workflow_id="order:42", key="order:42", key_reuse="after_finish")
+    durable.signal("order:42", "go", "first")
+    drain(durable)
+    assert durable.wait_result(finished, timeout=1) == "first"
+    live = wf.start(key="order:42")
+    drain(durable)
+    assert durable.signal("order:42", "go", "second").workflow_id == live
+    drain(durable)
+    assert durable.wait_result(live, timeout=1) == "second"

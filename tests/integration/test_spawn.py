@@ -366,3 +366,42 @@ def test_a_taken_child_key_fails_the_parent_and_starts_nothing(durable, publishe
     assert "already used by another run" in run.error["message"]
     assert children_of(db_engine, wid) == []
     assert durable.get_workflow(holder).status == "awaiting"
+
+
+@pytest.mark.parametrize("how", ["fail", "cancel"])
+def test_every_terminal_child_counts_once(durable, published, db_engine, how):
+    """Invariant (holds): a child ending by commit (Fail, transaction path) or by cancel
+    decrements its parent exactly once; the parent's counter never goes below zero."""
+    leaf = durable.workflow(f"seam_leaf_{how}")
+
+    @leaf.step
+    def wait(ctx):
+        return Await("go")
+
+    @leaf.step
+    def end(ctx):
+        return Fail("no")
+
+    root = durable.workflow(f"seam_root_{how}")
+
+    @root.step
+    def fan(ctx):
+        return Spawn([leaf.child({}), leaf.child({})])
+
+    @root.step
+    def join(ctx):
+        return Done(sorted(c.status for c in ctx.children))
+
+    wid = root.start()
+    drain(durable)
+    kids = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
+                                             "ORDER BY child_index", p=wid)]
+    for kid in kids:
+        if how == "fail":
+            durable.signal(kid, "go")
+        else:
+            durable.cancel_workflow(kid, f"c-{kid}")
+    drain(durable)
+    assert run_row(db_engine, wid)["children_pending"] == 0
+    expected = ["failed", "failed"] if how == "fail" else ["cancelled", "cancelled"]
+    assert durable.wait_result(wid, timeout=5) == expected

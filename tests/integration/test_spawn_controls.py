@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from durable_celery import Await, Done, Fail, Spawn, foreach
+from durable_celery import Await, Done, Fail, Retry, Spawn, foreach
 from durable_celery.testing import drain
 from tests.integration.support import Recorder, rows, run_row, scalar, start_threads
 
@@ -318,3 +318,108 @@ def test_a_run_cancelled_while_compensating_resumes_compensating(durable, publis
     drain(durable)
     assert durable.get_workflow(wid).status == "compensated"
     assert log == [0]
+
+
+def test_a_resumed_parent_waits_for_its_children_again(durable, published, db_engine):
+    """A parent cancelled while awaiting its children (the cancel cascades to them) resumes
+    waiting for them: the children the same cancel cancelled resume their own waits, the
+    join counter counts them again, and the join step sees how they really ended."""
+    leaf = durable.workflow("seam_leaf")
+
+    @leaf.step
+    def wait(ctx):
+        return Await("go")
+
+    @leaf.step
+    def after_go(ctx):
+        return Done("went")
+
+    root = durable.workflow("seam_root")
+
+    @root.step
+    def fan(ctx):
+        return Spawn([leaf.child({}), leaf.child({})])
+
+    @root.step
+    def join(ctx):
+        return Done([c.status for c in ctx.children])
+
+    wid = root.start()
+    drain(durable)
+    assert run_row(db_engine, wid)["children_pending"] == 2
+    durable.cancel_workflow(wid, "c")
+    children = [r["id"] for r in rows(db_engine, "SELECT id FROM {S}.runs WHERE parent_id = :p "
+                                                 "ORDER BY child_index", p=wid)]
+    assert [durable.get_workflow(c).status for c in children] == ["cancelled"] * 2
+    durable.resume_workflow(wid, "r")
+    run = durable.get_workflow(wid)
+    assert (run.status, run.children_pending) == ("awaiting_children", 2)
+    assert [durable.get_workflow(c).status for c in children] == ["awaiting"] * 2
+    drain(durable)
+    assert durable.get_workflow(wid).status == "awaiting_children"
+    for child in children:
+        durable.signal(child, "go")
+    drain(durable)
+    assert durable.wait_result(wid, timeout=5) == ["done", "done"]
+
+
+def _join_tree(durable, name, join):
+    leaf = durable.workflow(f"{name}_leaf")
+
+    @leaf.step
+    def only(ctx):
+        return Done(ctx.state["n"])
+
+    root = durable.workflow(name)
+
+    @root.step
+    def fan(ctx):
+        return Spawn([leaf.child({"n": 1}), leaf.child({"n": 2})])
+
+    root.step(name="join", retry={"max_attempts": 1})(join)
+    return root
+
+
+def test_a_resumed_failed_join_step_still_sees_its_children(durable, published):
+    """Regression: COMMIT advances ``visit`` to the new seq on a terminal outcome, and RESUME sets
+    ``visit = seq``; ctx.children is read by ``spawn_seq = visit``. So a join step that
+    failed and is resumed sees no children at all."""
+    seen: list[list] = []
+
+    def join(ctx):
+        seen.append([c.result for c in ctx.children])
+        if len(seen) == 1:
+            raise RuntimeError("join crashed")
+        return Done(seen[-1])
+
+    root = _join_tree(durable, "seam_join_fail", join)
+    wid = root.start()
+    drain(durable)
+    assert durable.get_workflow(wid).status == "failed"
+    assert seen == [[1, 2]]
+    durable.resume_workflow(wid, "resume-join")
+    drain(durable)
+    assert seen[1] == [1, 2], f"the resumed join step saw children {seen[1]}"
+    assert durable.wait_result(wid, timeout=5) == [1, 2]
+
+
+def test_a_resumed_cancelled_join_step_after_a_retry_still_sees_its_children(
+        durable, published, db_engine):
+    """Regression: same root cause through cancel: a join step that retried (visit stays, seq
+    advances) and was then cancelled resumes with ``visit = seq``, losing its children."""
+    seen: list[list] = []
+
+    def join(ctx):
+        seen.append([c.result for c in ctx.children])
+        if len(seen) == 1:
+            return Retry(delay=3600)
+        return Done(seen[-1])
+
+    root = _join_tree(durable, "seam_join_cancel", join)
+    wid = root.start()
+    drain(durable, collapse_timers=False)
+    assert durable.get_workflow(wid).status == "runnable" and seen == [[1, 2]]
+    durable.cancel_workflow(wid, "cancel-join")
+    durable.resume_workflow(wid, "resume-join")
+    drain(durable)
+    assert seen[1] == [1, 2], f"the resumed join step saw children {seen[1]}"

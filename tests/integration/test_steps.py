@@ -7,9 +7,11 @@ import base64
 import json
 import threading
 
+import pytest
 import redis
 
 from durable_celery import Done
+from durable_celery.testing import drain
 from tests.integration.support import Worker, rows, run_row, scalar
 
 
@@ -161,3 +163,27 @@ def test_the_broker_message_is_plain_json(durable, redis_url, queue):
     finally:
         client.delete(queue, f"{queue}\x06\x169")
         client.close()
+
+
+class Interrupted(BaseException):
+    """Like KeyboardInterrupt or a cancellation: not an Exception."""
+
+
+def test_a_step_raising_a_base_exception_hands_the_run_back(durable, published, db_engine):
+    wf = durable.workflow("interrupted")
+    attempts = []
+
+    @wf.step
+    def only(ctx):
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            raise Interrupted()
+        return Done("ok")
+
+    wid = wf.start()
+    with pytest.raises(Interrupted):
+        durable.executor.execute(wid, 0)
+    row = run_row(db_engine, wid)
+    assert (row["status"], row["owner"], row["lease"]) == ("runnable", None, None)
+    drain(durable)
+    assert durable.wait_result(wid, timeout=1) == "ok"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from durable_celery import Await, Done, Retry, Sleep
+from durable_celery.testing import drain
 from tests.integration.support import execute_sql, run_row, seconds
 
 
@@ -114,3 +115,24 @@ def test_a_delayed_start_holds_nothing_until_due(durable, published, db_engine):
                            "WHERE id = :id", id=wid)
     assert dispatcher.run_once() == 1
     assert [(m.name, m.args) for m in published.sent] == [("durable.wait_sleep.begin", [wid, 0])]
+
+
+def test_timed_out_survives_a_retry_of_the_woken_step(durable, published):
+    wf = durable.workflow("timeout_retry")
+    seen = []
+
+    @wf.step
+    def park(ctx):
+        return Await("never", timeout=60)
+
+    @wf.step(retry={"max_attempts": 2, "delay": 0, "jitter": False})
+    def after(ctx):
+        seen.append(ctx.timed_out)
+        if len(seen) == 1:
+            raise RuntimeError("flaky")
+        return Done(ctx.timed_out)
+
+    wid = wf.start()
+    drain(durable, expire_awaits=True)
+    assert durable.wait_result(wid, timeout=1) is True
+    assert seen == [True, True]

@@ -13,8 +13,9 @@ from celery import _state as celery_state
 from celery.exceptions import DuplicateTaskNameWarning
 
 from durable_celery import Durable
+from durable_celery.checks import check_name
 from durable_celery.coordinator import bootstep
-from durable_celery.definitions import RetryPolicy, Step, Workflow, check_name
+from durable_celery.definitions import RetryPolicy, Step, Workflow
 from durable_celery.errors import InvalidArgument, UnknownStep
 from tests.unit.fakes import FakeDurable
 

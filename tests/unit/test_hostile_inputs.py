@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from durable_celery import errors
+from durable_celery import checks, errors
 from durable_celery import settings as settings_mod
-from durable_celery.app import check_identifier
+from durable_celery.checks import check_identifier
 from durable_celery.definitions import (
     MAX_SECONDS,
     Await,
@@ -144,7 +144,7 @@ def test_identifiers_are_storable_strings_or_refused(value: Any) -> None:
 @example("a\ud800b")
 def test_signal_names_are_storable_strings_or_refused(value: Any) -> None:
     try:
-        checked = outcomes.check_signal_name(value)
+        checked = checks.check_signal_name(value)
     except errors.InvalidArgument:
         return
     assert isinstance(checked, str) and storable_utf8(checked), \
