@@ -31,6 +31,7 @@ from durable_celery.errors import (
     NoTarget,
     ScheduleNotFound,
     StorageError,
+    Throttled,
     UnknownStep,
     UnknownWorkflow,
     WaitTimeout,
@@ -38,6 +39,7 @@ from durable_celery.errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
+from durable_celery.flow import Debounce, RateLimit, Singleton, Throttle
 from durable_celery.runtime.context import Context
 from durable_celery.storage.records import Child, Run, Signal, SignalResult, StepRecord
 from durable_celery.storage.schedules import Schedule
@@ -53,6 +55,7 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "ControlError",
+    "Debounce",
     "Done",
     "DuplicateWorkflow",
     "Durable",
@@ -65,6 +68,7 @@ __all__ = [
     "InvalidSchedule",
     "Next",
     "NoTarget",
+    "RateLimit",
     "Retry",
     "RetryPolicy",
     "Run",
@@ -72,11 +76,14 @@ __all__ = [
     "ScheduleNotFound",
     "Signal",
     "SignalResult",
+    "Singleton",
     "Sleep",
     "Spawn",
     "StepRecord",
     "StorageError",
     "TaskHandle",
+    "Throttle",
+    "Throttled",
     "UnknownStep",
     "UnknownWorkflow",
     "WaitTimeout",

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from durable_celery import errors, integration, tasks
+from durable_celery import errors, flow, integration, tasks
 from durable_celery import settings as settings_mod
 from durable_celery.checks import check_name, check_run_ahead, check_version
 from durable_celery.controls import Controls
@@ -108,15 +108,33 @@ class Durable:
     # ------------------------------------------------------------------ declaring
 
     def workflow(self, name: str, *, version: int = 1, queue: str | None = None,
-                 run_ahead: bool | None = None) -> Workflow:
-        """Declare a workflow; add steps with ``@wf.step``."""
+                 run_ahead: bool | None = None, rate_limit: Any = None,
+                 throttle: flow.Throttle | None = None, debounce: flow.Debounce | None = None,
+                 singleton: flow.Singleton | None = None,
+                 deadline: float | None = None) -> Workflow:
+        """Declare a workflow; add steps with ``@wf.step``.
+
+        Flow control (docs/flow-control.md): ``rate_limit`` (a ``RateLimit``, Celery's
+        "10/s", or a list) is taken by every step start of the workflow; ``throttle``,
+        ``debounce`` and ``singleton`` apply to its starts; ``deadline`` (seconds) is each
+        run's time to finish, from its start.
+        """
         check_name(name, "workflow name")
         check_version(version)
         check_run_ahead(run_ahead)
         if queue is not None:
             check_name(queue, "queue")
+        limits = flow.rate_limits(rate_limit, "rate_limit")
+        flow.check_policy(throttle, flow.Throttle, "throttle")
+        flow.check_policy(debounce, flow.Debounce, "debounce")
+        flow.check_policy(singleton, flow.Singleton, "singleton")
+        if debounce is not None and singleton is not None:
+            raise errors.InvalidArgument("a workflow takes debounce= or singleton=, not both")
+        if deadline is not None:
+            deadline = flow.check_deadline(deadline)
         wf = Workflow(owner=self._owner, name=name, version=version, queue=queue,
-                      run_ahead=run_ahead)
+                      run_ahead=run_ahead, rate_limits=limits, throttle=throttle,
+                      debounce=debounce, singleton=singleton, deadline=deadline)
         self.registry.add(wf)
         return wf
 
@@ -221,6 +239,13 @@ class Durable:
     def get_workflow(self, workflow_id: str) -> Run:
         """A snapshot of the run; raises ``WorkflowNotFound``."""
         return self._runs.get(workflow_id)
+
+    def explain(self, workflow_id: str) -> dict[str, Any]:
+        """Why the run is where it is: ``summary`` (one line) and ``reasons`` (what holds
+        it now first: a signal, a timer, a retry backoff, a rate-limit token, a debounce,
+        a singleton or concurrency key held by another run, its children, a foreach cap,
+        its message on a queue, no live worker; then its deadline). See docs/flow-control.md."""
+        return self._runs.explain(workflow_id)
 
     def list_workflows(self, name: str | None = None, status: str | None = None,
                        limit: int = 100) -> list[Run]:

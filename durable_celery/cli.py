@@ -139,6 +139,27 @@ def status(app_path: str | None, database_url: str | None, broker_url: str | Non
     click.echo(_json(out))
 
 
+@main.command()
+@app_option
+@db_option
+@broker_option
+@click.argument("workflow_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the explain object as JSON.")
+def explain(app_path: str | None, database_url: str | None, broker_url: str | None,
+            workflow_id: str, as_json: bool) -> None:
+    """Say why a run is not running (what it waits for, and until when)."""
+    durable = load_durable(app_path, database_url, broker_url)
+    found = durable.explain(workflow_id)
+    if as_json:
+        click.echo(_json(found))
+        return
+    click.echo(f"{found['workflow_id']}  {found['workflow']} v{found['version']}  "
+               f"{found['status']} at {found['step']} (attempt {found['attempt']}, "
+               f"queue {found['queue']})")
+    for reason in found["reasons"]:
+        click.echo(f"  - {reason['message']}")
+
+
 @main.command(name="list")
 @app_option
 @db_option

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, overload
 
-from durable_celery import errors, payloads
+from durable_celery import errors, flow, payloads
 from durable_celery.checks import (
     MAX_SECONDS,
     check_concurrency,
@@ -18,6 +19,7 @@ from durable_celery.checks import (
     check_run_ahead,
     check_seconds,
 )
+from durable_celery.storage.flow import NO_POLICY, Bucket, StartPolicy
 
 if TYPE_CHECKING:
     from durable_celery.runtime.context import Context
@@ -301,6 +303,9 @@ class Step:
     run_ahead: bool | None = None
     compensate: str | None = None      # the compensation undoing this step once completed
     is_compensation: bool = False
+    rate_limits: tuple[flow.RateLimit, ...] = ()   # its own (the workflow's come too)
+    schedule_to_start: float | None = None  # seconds a due step may wait for a worker
+    on_late: str = "fail"                   # past schedule_to_start: "fail" or "skip"
 
     def __call__(self, ctx: Context) -> Any:
         return self.fn(ctx)
@@ -317,6 +322,71 @@ class Workflow:
     run_ahead: bool | None = None
     steps: dict[str, Step] = field(default_factory=dict)
     compensations: dict[str, Step] = field(default_factory=dict)
+    # flow control (docs/flow-control.md)
+    rate_limits: tuple[flow.RateLimit, ...] = ()   # every step start takes a token
+    throttle: flow.Throttle | None = None
+    debounce: flow.Debounce | None = None
+    singleton: flow.Singleton | None = None
+    deadline: float | None = None   # seconds from the start: the run fails after that
+
+    def limits_of(self, step: Step) -> list[tuple[flow.RateLimit, str]]:
+        """The rate limits a start of ``step`` takes a token from, each with the bucket
+        name it has when unnamed (the workflow's, the step's)."""
+        if step.is_compensation:
+            return []  # undoing work is never held back
+        return [(rl, self.name) for rl in self.rate_limits] + [
+            (rl, f"{self.name}.{step.name}") for rl in step.rate_limits]
+
+    def buckets_for(self, step: Step, state: Any) -> list[Bucket]:
+        """The token buckets a start of ``step`` takes from, for a run in ``state`` (a
+        bucket named twice counts once)."""
+        found: dict[tuple[str, str], Bucket] = {}
+        for rl, default in self.limits_of(step):
+            bucket = flow.buckets((rl,), state, default)[0]
+            found.setdefault((bucket.name, bucket.key), bucket)
+        return list(found.values())
+
+    def start_policy(self, state: Any, *, deadline: Any = None, step: Step | None = None,
+                     max_payload_bytes: int) -> StartPolicy:
+        """The flow control a start of this workflow in ``state`` goes through (the
+        policies' keys computed now, from the start's state)."""
+        first = step or self.first
+        seconds, at = None, None
+        if deadline is None:
+            seconds = self.deadline
+        elif isinstance(deadline, datetime):
+            if deadline.tzinfo is None:
+                raise errors.InvalidArgument("deadline must be a timezone-aware datetime")
+            at = deadline
+        else:
+            seconds = flow.check_deadline(deadline)
+        tokens = tuple(self.buckets_for(first, state))
+        if (not tokens and seconds is None and at is None and self.throttle is None
+                and self.debounce is None and self.singleton is None):
+            return NO_POLICY
+        options: dict[str, Any] = {"tokens": tokens, "deadline": seconds, "deadline_at": at}
+        if self.throttle is not None:
+            t = self.throttle
+            options["throttle"] = Bucket(name=f"throttle:{self.name}",
+                                         key=flow.policy_key(t.key, state, "Throttle"),
+                                         interval=t.interval, tolerance=t.tolerance)
+            options["drop"] = t.drop
+        if self.debounce is not None:
+            d = self.debounce
+            key = flow.policy_key(d.key, state, "Debounce")
+
+            def merge(pending: Any, new: str) -> str:
+                return payloads.check_object(d.merged(pending, json.loads(new)),
+                                             what="debounced state", max_bytes=max_payload_bytes)
+
+            # A debounced run's tokens are taken when it starts (its due time moves).
+            options.update(tokens=(), debounce_key=f"{self.name}:{key}",
+                           debounce_seconds=d.seconds, debounce_max_wait=d.max_wait, merge=merge)
+        if self.singleton is not None:
+            key = flow.policy_key(self.singleton.key, state, "Singleton")
+            options.update(singleton_key=f"{self.name}:{key}",
+                           singleton=self.singleton.on_conflict)
+        return StartPolicy(**options)
 
     # -- declaring steps
 
@@ -327,20 +397,32 @@ class Workflow:
     def step(self, fn: None = None, *, name: str | None = None,
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
              run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
+             rate_limit: Any = None, schedule_to_start: float | None = None,
+             on_late: str = "fail",
              ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(self, fn: StepFunction | None = None, *, name: str | None = None,
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
              run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
+             rate_limit: Any = None, schedule_to_start: float | None = None,
+             on_late: str = "fail",
              ) -> Any:
         """Declare a step. The first declared step is the initial one.
 
         Use bare (``@wf.step``) or with options (``@wf.step(retry={...}, queue=...)``).
         ``compensate`` names the compensation (``@wf.compensation``) that undoes this step
-        if the run fails after the step completed. The function is returned unchanged, so
-        it can still be called directly in tests.
+        if the run fails after the step completed. ``rate_limit``: a ``RateLimit`` (or
+        Celery's "10/s"), or a list, that each start of this step takes a token from.
+        ``schedule_to_start``: seconds the step may wait, once due, for a worker to start
+        it; later, the attempt fails (``on_late="fail"``, through the retry policy) or the
+        step is skipped (``"skip"``: the run goes on as if it returned None). The function
+        is returned unchanged, so it can still be called directly in tests.
         """
         policy = RetryPolicy.parse(retry)
+        limits = flow.rate_limits(rate_limit, "rate_limit")
+        late = None if schedule_to_start is None else check_seconds(
+            schedule_to_start, "schedule_to_start")
+        flow.check_on_late(on_late)
         if queue is not None:
             check_name(queue, "queue")
         undo = None
@@ -359,7 +441,8 @@ class Workflow:
             step_name = check_name(func.__name__ if name is None else name, "step name")
             self._check_free(step_name)
             step = Step(name=step_name, fn=func, index=len(self.steps), retry=policy,
-                        queue=queue, run_ahead=run_ahead, compensate=undo)
+                        queue=queue, run_ahead=run_ahead, compensate=undo,
+                        rate_limits=limits, schedule_to_start=late, on_late=on_late)
             self.steps[step_name] = step
             self.owner.register_step(self, step)
             return func
@@ -478,7 +561,7 @@ class Workflow:
               delay: float | None = None, at: datetime | None = None,
               queue: str | None = None, priority: int | None = None,
               concurrency_key: str | None = None, connection: Any = None,
-              key_reuse: str | None = None) -> str:
+              key_reuse: str | None = None, deadline: float | datetime | None = None) -> str:
         """Start a run and return its workflow_id.
 
         ``key`` is a business key (and a signal address): one run per key. ``key_reuse``
@@ -490,13 +573,16 @@ class Workflow:
         ``concurrency_key``: at most one run per key executes a step at a time.
         ``connection``: a SQLAlchemy Connection or Session of your own transaction on the
         same database; the run commits or rolls back with it.
-        Raises ``DuplicateWorkflow`` when the key or workflow_id is taken.
+        ``deadline`` (seconds from now, or an aware datetime; default: the workflow's
+        ``deadline``): the run fails, or compensates, once it passes.
+        Raises ``DuplicateWorkflow`` when the key or workflow_id is taken (or a
+        ``Singleton`` key is live), ``Throttled`` when a ``Throttle(drop=True)`` refuses it.
         """
         self.check()
         return self.owner.start_run(self, state, workflow_id=workflow_id, key=key, delay=delay,
                                    at=at, queue=queue, priority=priority,
                                    concurrency_key=concurrency_key, connection=connection,
-                                   key_reuse=key_reuse)
+                                   key_reuse=key_reuse, deadline=deadline)
 
     def schedule(self, name: str, cron: str, *, timezone: str = "UTC", state: Any = None,
                  catchup: str = "latest", priority: int | None = None) -> Any:

@@ -168,6 +168,24 @@ class WorkflowFailed(DurableCeleryError):
         return str(self.details.get("run_status") or "failed")
 
 
+class ScheduleToStartTimeout(DurableCeleryError):
+    """A step with ``schedule_to_start`` was not started in time once due: the attempt
+    failed without running (``late_by``: seconds past the allowance)."""
+
+
+class DeadlineExceeded(DurableCeleryError):
+    """A run's deadline passed before it finished (the error a run ends with)."""
+
+
+class Throttled(DurableCeleryError):
+    """A start refused by a workflow's ``Throttle(drop=True)``: nothing was stored.
+    ``retry_after`` says in how many seconds a start with that key would be accepted."""
+
+    @property
+    def retry_after(self) -> float:
+        return float(self.details.get("retry_after") or 0.0)
+
+
 class WorkflowCancelled(DurableCeleryError):
     """The run was cancelled."""
 

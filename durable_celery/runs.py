@@ -29,10 +29,13 @@ from durable_celery.checks import (
     check_when,
 )
 from durable_celery.definitions import Registry, Workflow
+from durable_celery.runtime import explain
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
 from durable_celery.settings import Settings
+from durable_celery.storage import flow as storage_flow
 from durable_celery.storage import outbox
+from durable_celery.storage.flow import NO_POLICY
 from durable_celery.storage.listener import Endings
 from durable_celery.storage.records import (
     STATUSES,
@@ -81,7 +84,8 @@ class Runs:
               key: str | None = None, delay: float | None = None, at: datetime | None = None,
               queue: str | None = None, priority: int | None = None,
               concurrency_key: str | None = None, connection: Any = None,
-              what: str = "state", key_reuse: str | None = None) -> str:
+              what: str = "state", key_reuse: str | None = None,
+              deadline: Any = None) -> str:
         if not self.registry.owns(wf):
             raise errors.UnknownWorkflow(f"workflow {wf.name!r} is not registered here")
         first = wf.first
@@ -98,13 +102,15 @@ class Runs:
         if queue is not None:
             check_name(queue, "queue")
         check_when(delay, at)
+        control = wf.start_policy(state, deadline=deadline,
+                                  max_payload_bytes=self.settings.max_payload_bytes)
         bound = None if connection is None else outbox.Bound(connection, self.url)
         self.readiness.ensure()
         options: dict[str, Any] = {
             "workflow": wf.name, "version": wf.version, "step": first.name,
             "queue": wf.queue_for(first, queue), "run_queue": queue, "state": text, "key": key,
             "delay": float(delay or 0.0), "at": at, "priority": prio,
-            "concurrency_key": concurrency_key, "key_reuse": policy}
+            "concurrency_key": concurrency_key, "key_reuse": policy, "policy": control}
         dispatch = Dispatch(workflow_id="", workflow=wf.name, step=first.name, seq=0,
                             queue=wf.queue_for(first, queue), priority=prio)
         if bound is None:
@@ -113,22 +119,24 @@ class Runs:
                 self.publisher.publish(replace(dispatch, workflow_id=run_id))
             return run_id
         # In the caller's transaction: published after its commit (or by the coordinator).
-        run_id = workflow_id or str(uuid.uuid4())
+        new_id = workflow_id or str(uuid.uuid4())
+        started: list[str] = []
 
-        def insert(conn: Any) -> bool | None:
-            found = self.store.start_on(conn, run_id, parent_id=None, forked_from=None,
+        def insert(conn: Any) -> str | None:
+            found = self.store.start_on(conn, new_id, parent_id=None, forked_from=None,
                                         app_version=None, redispatch=outbox.OUTBOX_DELAY,
                                         **options)
             if found is None:
                 raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None,
                                                key=key)
-            return True if found else None
+            started.append(found[0])
+            return found[0] if found[1] else None
 
         in_callers_transaction(
             bound, insert,
-            publish=lambda _: self.publisher.publish(replace(dispatch, workflow_id=run_id)),
-            visible=lambda _: lambda: self.store.exists(run_id))
-        return run_id
+            publish=lambda rid: self.publisher.publish(replace(dispatch, workflow_id=rid)),
+            visible=lambda rid: lambda: self.store.exists(rid))
+        return started[0]
 
     def start_many(self, wf: Workflow, states: Any, *, keys: Any = None,
                    workflow_ids: Any = None, delay: float | None = None,
@@ -155,8 +163,27 @@ class Runs:
         check_when(delay, at)
         if not items:
             return []
+        controls = [wf.start_policy({} if st is None else st,
+                                    max_payload_bytes=self.settings.max_payload_bytes)
+                    for st in items]
         self.readiness.ensure()
         target_queue = wf.queue_for(first, queue)
+        if any(c is not NO_POLICY for c in controls):
+            if wf.debounce is not None or wf.singleton is not None:
+                raise errors.InvalidArgument(
+                    f"start_many cannot start workflow {wf.name!r}: it has debounce= or "
+                    "singleton=, which decide one start at a time; call start() per run")
+            # Throttles, rate limits, deadlines: each run takes its tokens in order, in one
+            # transaction (all or nothing, as start_many always is).
+            run_ids, new, publish = self.store.start_each(
+                workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
+                run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
+                delay=float(delay or 0.0), at=at, existing=on_conflict == "existing",
+                key_reuse=policy, policies=controls)
+            self.publisher.publish_many([
+                Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name, seq=0,
+                         queue=target_queue, priority=0) for run_id in publish])
+            return run_ids
         run_ids, new, publish = self.store.start_many(
             workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
             run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
@@ -187,6 +214,15 @@ class Runs:
         check_limit(limit)
         self.readiness.ensure()
         return self.store.list_runs(workflow=name, status=status, limit=limit)
+
+    def explain(self, workflow_id: str) -> dict[str, Any]:
+        check_identifier(workflow_id, "workflow_id")
+        self.readiness.ensure()
+        row = storage_flow.explain_row(self.store.db, workflow_id,
+                                       stale_after=self.settings.stale_after)
+        if row is None:
+            raise errors.WorkflowNotFound(f"no run {workflow_id!r}", workflow_id=workflow_id)
+        return explain.explain(row)
 
     def history(self, workflow_id: str) -> list[StepRecord]:
         check_identifier(workflow_id, "workflow_id")

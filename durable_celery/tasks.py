@@ -43,7 +43,7 @@ class TaskOwner(Protocol):
     settings: Settings
 
     def workflow(self, name: str, *, version: int = 1, queue: str | None = None,
-                 run_ahead: bool | None = None) -> Workflow: ...
+                 run_ahead: bool | None = None, rate_limit: Any = None) -> Workflow: ...
 
     def get_workflow(self, workflow_id: str) -> Run: ...
 
@@ -63,15 +63,17 @@ _UNSET: Any = object()
 
 # Celery decorator options that durable_celery accepts and ignores: results are always
 # stored (in Postgres), messages are always JSON, acknowledgement is irrelevant (the claim
-# decides), and limits belong to the worker.
+# decides), and time limits belong to the worker. (``rate_limit`` is honoured, globally:
+# docs/flow-control.md.)
 IGNORED_OPTIONS = frozenset({
     "ignore_result", "acks_late", "acks_on_failure_or_timeout", "reject_on_worker_lost",
-    "track_started", "typing", "shared", "store_errors_even_if_ignored", "rate_limit",
+    "track_started", "typing", "shared", "store_errors_even_if_ignored",
     "time_limit", "soft_time_limit", "expires", "trail", "send_events", "serializer",
 })
 OPTIONS = frozenset({
     "name", "queue", "retry", "bind", "max_retries", "default_retry_delay", "autoretry_for",
     "dont_autoretry_for", "retry_backoff", "retry_backoff_max", "retry_jitter", "priority",
+    "rate_limit",
 }) | IGNORED_OPTIONS
 # apply_async options accepted and ignored (durable runs always store results, JSON only;
 # publishing is retried by the coordinator).
@@ -123,7 +125,8 @@ class DurableTask:
                  max_retries: Any = _UNSET, default_retry_delay: float = 180.0,
                  autoretry_for: Any = (), dont_autoretry_for: Any = (),
                  retry_backoff: Any = False, retry_backoff_max: float = 600.0,
-                 retry_jitter: bool = True, priority: int | None = None) -> None:
+                 retry_jitter: bool = True, priority: int | None = None,
+                 rate_limit: Any = None) -> None:
         self.durable = durable
         self.readiness = readiness
         self.run = self.__wrapped__ = fn
@@ -145,7 +148,9 @@ class DurableTask:
         self.priority = check_priority(priority)
         policy = RetryPolicy.parse(retry) if retry is not None else self._celery_policy(
             retry_backoff, retry_backoff_max, retry_jitter)
-        self.workflow = durable.workflow(self.name, queue=queue)
+        # Celery's rate_limit ("10/s", "100/m") holds across every worker, not per worker.
+        self.rate_limit = rate_limit
+        self.workflow = durable.workflow(self.name, queue=queue, rate_limit=rate_limit)
         self.workflow.step(name=STEP, retry=policy)(self._step)
         self._register_entry()
         self.__name__ = fn.__name__

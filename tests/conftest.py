@@ -19,7 +19,8 @@ from durable_celery.storage import migrate
 from durable_celery.storage.engine import EngineHolder
 from tests import services
 
-TABLES = ("signals", "steps", "runs", "workers", "control_requests", "schedules", "early_signals")
+TABLES = ("signals", "steps", "runs", "workers", "control_requests", "schedules", "early_signals",
+          "rate_buckets")
 
 # Short timings so that recovery and redispatch are observable within a test.
 FAST = {"heartbeat_interval": 0.5, "stale_after": 2.0, "sweep_interval": 0.2,

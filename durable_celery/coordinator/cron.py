@@ -28,6 +28,7 @@ from durable_celery.definitions import Registry, Workflow
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
 from durable_celery.settings import Settings
+from durable_celery.storage.flow import NO_POLICY, StartPolicy
 from durable_celery.storage.schedules import Plan, Schedule, ScheduleStore
 
 log = logging.getLogger("durable_celery.coordinator")
@@ -179,12 +180,26 @@ class CronSweep:
         clock, never this host's); returns runs started."""
         dispatches, started = self.store.fire_due(
             now, lambda s, at: plan(s.cron, ZoneInfo(s.timezone), s.next_fire_at, at, s.catchup),
-            self._target, limit=self.settings.sweep_batch_size)
+            self._target, limit=self.settings.sweep_batch_size, policy=self._policy)
         self.publisher.publish_many(dispatches)
         return started
 
     def seconds_to_next(self, now: datetime | None = None) -> float | None:
         return self.store.seconds_to_next(now)
+
+    def _policy(self, schedule: Schedule) -> StartPolicy:
+        """The workflow's flow control (a singleton skips an occurrence while the last one
+        runs; a throttle or rate limit delays it), if the code is registered here. The
+        schedule's own run id keeps an occurrence from firing twice either way."""
+        wf = self.registry.find(schedule.workflow, schedule.version)
+        if wf is None or not wf.steps:
+            return NO_POLICY
+        try:
+            return wf.start_policy(schedule.state, max_payload_bytes=self.settings.max_payload_bytes)
+        except errors.InvalidArgument as exc:
+            log.error("schedule %s: its workflow's flow control could not be applied (%s); "
+                      "starting without it", schedule.name, exc)
+            return NO_POLICY
 
     def _target(self, schedule: Schedule) -> tuple[str, str]:
         """The first step and queue: from the code if registered here, else as stored."""

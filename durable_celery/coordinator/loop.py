@@ -10,7 +10,7 @@ from collections.abc import Callable
 from durable_celery import errors
 from durable_celery.coordinator.cron import CronSweep
 from durable_celery.coordinator.redis_broker import RedisUpkeep
-from durable_celery.coordinator.sweeps import Collector, Dispatcher, Reaper
+from durable_celery.coordinator.sweeps import Collector, Deadlines, Dispatcher, Reaper
 from durable_celery.definitions import Registry
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.runtime.readiness import Readiness
@@ -40,6 +40,7 @@ class Coordinator:
         self.readiness = readiness
         self.settings = settings
         self.dispatcher = Dispatcher(store, publisher, settings)
+        self.deadlines = Deadlines(store, publisher, settings)
         self.reaper = Reaper(store, publisher, settings)
         self.collector = Collector(store, settings, cleanup)
         self.cron = CronSweep(schedules, registry, publisher, settings)
@@ -51,7 +52,7 @@ class Coordinator:
     def run_once(self) -> int:
         """One pass of every sweep (tests; ``durable-celery coordinator --once``)."""
         return (self.reaper.run_once() + self.cron.run_once() + self.dispatcher.run_once()
-                + self.collector.run_once())
+                + self.deadlines.run_once() + self.collector.run_once())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="durable-coordinator",
@@ -86,6 +87,7 @@ class Coordinator:
             self.readiness.ensure(wait=False)
             # Due timers first: the other sweeps' statements would add to every overshoot.
             done = self.dispatcher.run_once()
+            done += self.deadlines.run_once()
             now = time.monotonic()
             if now >= self._next_reap:
                 self._next_reap = now + interval

@@ -10,12 +10,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from durable_celery import errors
 from durable_celery.runtime import outcomes
 from durable_celery.runtime.publisher import Publisher
 from durable_celery.settings import Settings
-from durable_celery.storage.records import Dispatch
+from durable_celery.storage.records import Claim, Dispatch, Transition
 from durable_celery.storage.store import Store
 from durable_celery.storage.sweeps import Lost
 
@@ -55,6 +56,52 @@ class Dispatcher:
     def seconds_to_next(self) -> float | None:
         """Seconds until the next pass has work (a timer counts ``timer_lead`` early)."""
         return self.store.seconds_to_next_due(lead=self.settings.timer_lead)
+
+
+class Deadlines:
+    """Ends runs whose deadline passed: the run fails with ``DeadlineExceeded`` (or, with
+    completed steps to undo, compensates: the compensation transition decides), whatever
+    it was doing; a worker executing its step loses the lease (its outcome is dropped, as
+    after a cancel), and its live children are cancelled."""
+
+    def __init__(self, store: Store, publisher: Publisher, settings: Settings) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
+
+    def run_once(self) -> int:
+        ended = 0
+        for _ in range(self.settings.sweep_batch_size):
+            try:
+                due, committed = self.store.end_expired(self._decide,
+                                                        lock_timeout=END_LOCK_TIMEOUT)
+            except errors.StorageError as exc:
+                log.info("a passed deadline waits for the next pass (%s)", exc.message)
+                break
+            if not due:
+                break
+            if committed is None:
+                continue
+            ended += 1
+            wakes = list(committed.wakes)
+            if committed.dispatch is not None:
+                wakes.append(committed.dispatch)
+            self.publisher.publish_many(wakes)
+        return ended
+
+    @staticmethod
+    def _decide(claim: Claim, deadline: datetime) -> Transition:
+        error = {"type": "DeadlineExceeded",
+                 "message": f"the run's deadline ({deadline.isoformat()}) passed at step "
+                            f"{claim.step!r}", "deadline": deadline.isoformat(),
+                 "step": claim.step}
+        log.error("run %s: deadline %s passed at step %s", claim.workflow_id,
+                  deadline.isoformat(), claim.step)
+        position = outcomes.Position(
+            step=claim.step, attempt=claim.attempt, queue=claim.queue,
+            compensations=claim.compensations, compensation_errors=claim.compensation_errors,
+            failure=claim.failure)
+        return outcomes.failed(position, json.dumps(claim.state), error)
 
 
 class Reaper:

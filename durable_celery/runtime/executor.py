@@ -30,6 +30,9 @@ EARLY_TRIES = 3
 HOLD_CHECK_AHEAD = 0.005  # seconds before the due time an early claim checks it still holds
 MAX_COUNTDOWN = 60.0  # a message held by a worker longer than this is sent again
 COMMIT_RETRIES = (0.05, 0.25, 1.0, 2.0)
+# A rate-limit slot at most this many seconds away is waited for in the task; a later one
+# parks the run as a timer.
+PARK_AFTER = 0.05
 
 
 class Executor:
@@ -186,7 +189,12 @@ class Executor:
                 compensation_errors=claim.compensation_errors, failure=claim.failure,
                 single_step=claim.single_step, key_reuse=settings.key_reuse,
             )
-            transition = self._run_step(visit, claim)
+            transition = self._late(visit, claim, chain)
+            if transition is None:
+                gated = self._take_tokens(wf, visit, claim)
+                if isinstance(gated, str):
+                    return gated
+                transition = gated if gated is not None else self._run_step(visit, claim)
             try:
                 committed = self._commit(visit, claim, transition, worker_id, started_at)
             except errors.StorageError:
@@ -217,6 +225,53 @@ class Executor:
                 compensations=_pushed(claim.compensations, transition, committed.seq))
             started_at = None
 
+
+    def _late(self, visit: outcomes.Visit, claim: Claim, chain: int) -> Transition | None:
+        """A step with ``schedule_to_start`` that waited longer than that, once due, for a
+        worker (its message queued behind others, or no worker up): it does not run. The
+        attempt fails (the retry policy decides) or, with ``on_late="skip"``, the run goes
+        on as if the step returned None. A step reached by run-ahead is never late."""
+        step = visit.step
+        if step.schedule_to_start is None or chain > 1 or claim.compensating:
+            return None
+        late_by = -claim.due_in
+        if late_by <= step.schedule_to_start:
+            return None
+        self.hooks.event("late", claim)
+        log.warning("run %s step %s: not started within schedule_to_start=%ss of being due "
+                    "(%.3fs late); %s", claim.workflow_id, claim.step, step.schedule_to_start,
+                    late_by, "skipped" if step.on_late == "skip" else "the attempt fails")
+        if step.on_late == "skip":
+            return outcomes.decide(visit, None, claim.state)
+        return outcomes.from_exception(visit, errors.ScheduleToStartTimeout(
+            f"step {claim.step!r} was not started within {step.schedule_to_start}s of being "
+            f"due ({late_by:.3f}s late)", late_by=late_by))
+
+    def _take_tokens(self, wf: Any, visit: outcomes.Visit, claim: Claim,
+                     ) -> str | Transition | None:
+        """The step's rate limits: take a token from each (one statement). A slot a little
+        ahead is slept out here; a later one parks the run as a timer until then (this
+        message is done: ``"rate_limited"``). Returns None to run the step now, a label to
+        return, or the transition of a key function that raised (the attempt fails)."""
+        if claim.compensating or claim.has_tokens or not wf.limits_of(visit.step):
+            return None
+        try:
+            buckets = wf.buckets_for(visit.step, claim.state)
+        except errors.InvalidArgument as exc:
+            return outcomes.from_exception(visit, exc)
+        taken = self.store.take_tokens(claim, buckets, park_after=PARK_AFTER)
+        if taken is None:
+            self.hooks.event("lease_lost", claim)
+            return "lease_lost"
+        wait, parked = taken
+        if parked:
+            self.hooks.event("rate_limited", claim)
+            if claim.concurrency_key is not None:
+                self.store.hand_off(claim.concurrency_key)
+            return "rate_limited"
+        if wait > 0:
+            time.sleep(wait)
+        return None
 
     def _commit(self, visit: outcomes.Visit, claim: Claim, transition: Transition,
                 worker_id: str, started_at: Any) -> Committed | None:

@@ -57,32 +57,6 @@ DELETE FROM {S}.control_requests WHERE request_key IN (
 )
 """)
 
-# The run and every live descendant, locked deepest first: the order every other path takes
-# (a child's terminal commit locks the child, then its parent, to count on it). What the
-# run was doing is kept for resume: the status it had (cancelled_from), its awaited names
-# and deadline, its due time, its join counter.
-CANCEL_TREE = _q("""
-WITH RECURSIVE tree AS (
-  SELECT id, 0 AS depth FROM {S}.runs WHERE id = :id
-  UNION
-  SELECT c.id, t.depth + 1 FROM {S}.runs AS c JOIN tree AS t ON c.parent_id = t.id
-  WHERE t.depth < 100
-), locked AS (
-  SELECT r.id FROM {S}.runs AS r JOIN tree USING (id)
-  WHERE r.finished_at IS NULL
-  ORDER BY tree.depth DESC, r.id
-  FOR UPDATE OF r
-)
-UPDATE {S}.runs AS r SET
-  status = 'cancelled', cancelled_from = r.status, finished_at = now(), updated_at = now(),
-  error = jsonb_build_object('type', 'Cancelled',
-                             'message', COALESCE(CAST(:reason AS text), 'cancelled'),
-                             'reason', CAST(:reason AS text), 'cancelled_by', CAST(:root AS text)),
-  owner = NULL, lease = NULL, started_at = NULL, dispatch_at = NULL, spawn_owed = 0
-FROM locked WHERE r.id = locked.id AND r.finished_at IS NULL
-RETURNING r.id, r.parent_id, r.spawn_seq
-""")
-
 # Resume puts a cancelled or failed run back where it was:
 # - cancelled while awaiting a signal: awaiting the same names again, with the same
 #   (absolute) deadline -- a deadline that passed meanwhile expires at the next sweep;
@@ -287,23 +261,9 @@ class ControlStore:
 
     def cancel(self, conn: sa.Connection, workflow_id: str, reason: str | None,
                ) -> tuple[list[str], list[Dispatch]]:
-        """Cancel the run and its live descendants; returns the ids that changed and the
-        runs to publish (a parent waiting for the cancelled run wakes like for any
-        terminal child; a cancelled child frees a foreach slot)."""
-        params = {"id": workflow_id, "reason": reason, "root": workflow_id}
-        rows: list[Any] = []
-        for _ in range(10):
-            # A Spawn committing while we cancel: its parent is cancelled now (it waited
-            # for the row lock), so no new child can appear; the next pass, a new statement
-            # with a new snapshot, cancels the children that Spawn inserted.
-            found = conn.execute(CANCEL_TREE, params).mappings().all()
-            rows += found
-            if not found:
-                break
-        wakes = composition.children_finished(conn, [
-            composition.Finished(r["parent_id"], r["spawn_seq"])
-            for r in rows if r["parent_id"] is not None], redispatch=self.redispatch_after)
-        return [str(r["id"]) for r in rows], wakes
+        """Cancel the run and its live descendants (``composition.cancel_tree``)."""
+        return composition.cancel_tree(conn, workflow_id, reason,
+                                       redispatch=self.redispatch_after)
 
     def resume(self, conn: sa.Connection, workflow_id: str) -> list[Dispatch] | None:
         """Resume a cancelled or failed run (see RESUME); None when it is neither. Returns

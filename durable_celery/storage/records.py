@@ -186,11 +186,18 @@ class Claim:
     failure: Any = None
     single_step: bool = False   # a child started from a step function: that step only
     due_in: float = 0.0   # claimed this many seconds before the step is due (a timer)
+    token_seq: int | None = None  # the seq whose start holds its rate-limit tokens
+
+    @property
+    def has_tokens(self) -> bool:
+        """This attempt already took its rate-limit tokens (claimed again after a park)."""
+        return self.token_seq is not None and self.token_seq == self.seq
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any], lease: str) -> Claim:
         return cls(
             due_in=float(row.get("due_in") or 0.0),
+            token_seq=row.get("token_seq"),
             single_step=bool(row["single_step"]),
             children=tuple(Child.from_json(c) for c in (row["children"] or ())),
             compensating=row["status"] == Status.COMPENSATING,

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from durable_celery import errors
+from durable_celery.storage import flow
 from durable_celery.storage.engine import EngineHolder
 from durable_celery.storage.records import Dispatch
 from durable_celery.storage.sql import NOTIFY
@@ -171,6 +172,7 @@ class ScheduleStore:
 
     def fire_due(self, now: datetime | None, plan: Callable[[Schedule, datetime], Plan],
                  target: Callable[[Schedule], tuple[str, str]], *, limit: int,
+                 policy: Callable[[Schedule], flow.StartPolicy] | None = None,
                  ) -> tuple[list[Dispatch], int]:
         """Fire what is due at ``now`` (None: the database's clock); returns (messages to
         publish after commit, runs started). ``plan(schedule, at)`` decides the
@@ -185,17 +187,21 @@ class ScheduleStore:
                 for occurrence in decided.fire:
                     wid = run_id(schedule.name, occurrence)
                     try:
-                        publish = self.store.start_on(
+                        found = self.store.start_on(
                             conn, wid, workflow=schedule.workflow, version=schedule.version,
                             step=step, queue=queue, run_queue=None,
                             state=_json_text(schedule.state), key=wid, delay=0.0, at=None,
                             priority=schedule.priority, parent_id=None, forked_from=None,
                             app_version=None, concurrency_key=None,
-                            redispatch=self.store.redispatch_after)
+                            redispatch=self.store.redispatch_after,
+                            policy=flow.NO_POLICY if policy is None else policy(schedule))
                     except errors.DuplicateWorkflow:
-                        continue  # this occurrence already fired
-                    if publish is None:
+                        continue  # this occurrence already fired (or a singleton is live)
+                    except errors.Throttled:
+                        continue  # a dropping throttle refused this occurrence
+                    if found is None:
                         continue
+                    publish = found[1]
                     started += 1
                     if publish:
                         dispatches.append(Dispatch(workflow_id=wid, workflow=schedule.workflow,

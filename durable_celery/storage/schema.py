@@ -82,6 +82,12 @@ runs = sa.Table(
     sa.Column("cancelled_from", sa.Text, nullable=True),
     sa.Column("spawn_cap", sa.Integer, nullable=True),
     sa.Column("spawn_owed", sa.Integer, nullable=False, server_default=ZERO),
+    # migration 6: flow control
+    sa.Column("token_seq", sa.Integer, nullable=True),
+    sa.Column("waiting_for", postgresql.JSONB, nullable=True),
+    sa.Column("deadline_at", TIMESTAMPTZ, nullable=True),
+    sa.Column("debounce_key", sa.Text, nullable=True),
+    sa.Column("singleton_key", sa.Text, nullable=True),
     sa.CheckConstraint("key_reuse IN ('reject', 'after_failure', 'after_finish')",
                        name="runs_key_reuse_check"),
     sa.CheckConstraint(
@@ -114,6 +120,13 @@ sa.Index("runs_concurrency_wait_idx", runs.c.concurrency_key, runs.c.priority, r
                                   "OR (status = 'compensating' AND owner IS NULL))"))
 sa.Index("runs_spawn_owed_idx", runs.c.id, postgresql_where=sa.text("spawn_owed > 0"))
 sa.Index("runs_held_idx", runs.c.parent_id, runs.c.child_index, postgresql_where=sa.text("held"))
+sa.Index("runs_run_deadline_idx", runs.c.deadline_at,
+         postgresql_where=sa.text("deadline_at IS NOT NULL AND finished_at IS NULL"))
+sa.Index("runs_debounce_idx", runs.c.debounce_key, unique=True,
+         postgresql_where=sa.text("debounce_key IS NOT NULL AND status = 'runnable' AND seq = 0 "
+                                  "AND owner IS NULL"))
+sa.Index("runs_singleton_idx", runs.c.singleton_key, runs.c.created_at,
+         postgresql_where=sa.text("singleton_key IS NOT NULL AND finished_at IS NULL"))
 
 # migration 5: a run that ends notifies durable_celery_done with its id (wait_result).
 NOTIFY_DONE = f"""
@@ -129,6 +142,35 @@ CREATE TRIGGER runs_notify_done AFTER UPDATE OF finished_at ON {SCHEMA}.runs
 """
 sa.event.listen(runs, "after_create",
                 sa.DDL(NOTIFY_DONE.replace("%", "%%")))  # type: ignore[no-untyped-call]
+
+# migration 6: a singleton run that ends releases the oldest run queued behind its key.
+RELEASE_SINGLETON = f"""
+CREATE FUNCTION {SCHEMA}.release_singleton() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('durable_celery.singleton:' || NEW.singleton_key, 0));
+    UPDATE {SCHEMA}.runs SET held = false, eligible_at = GREATEST(eligible_at, now()),
+        dispatch_at = GREATEST(eligible_at, now()), dispatched_at = NULL, dispatch_count = 0,
+        waiting_for = NULL, updated_at = now()
+    WHERE id = (SELECT q.id FROM {SCHEMA}.runs AS q
+                WHERE q.singleton_key = NEW.singleton_key AND q.held AND q.parent_id IS NULL
+                  AND q.finished_at IS NULL
+                ORDER BY q.created_at, q.id LIMIT 1)
+      AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.runs AS o
+                      WHERE o.singleton_key = NEW.singleton_key AND o.finished_at IS NULL
+                        AND NOT o.held AND o.id <> NEW.id);
+    IF FOUND THEN
+        PERFORM pg_notify('durable_celery_wakeup', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER runs_release_singleton AFTER UPDATE OF finished_at ON {SCHEMA}.runs
+    FOR EACH ROW WHEN (OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL
+                       AND NEW.singleton_key IS NOT NULL)
+    EXECUTE FUNCTION {SCHEMA}.release_singleton();
+"""
+sa.event.listen(runs, "after_create",
+                sa.DDL(RELEASE_SINGLETON.replace("%", "%%")))  # type: ignore[no-untyped-call]
 
 steps = sa.Table(
     "steps", metadata,
@@ -225,3 +267,13 @@ early_signals = sa.Table(
 )
 
 sa.Index("early_signals_expires_idx", early_signals.c.expires_at)
+
+rate_buckets = sa.Table(
+    "rate_buckets", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("tat", TIMESTAMPTZ, nullable=False),
+    sa.Column("last_slot", TIMESTAMPTZ, nullable=False),
+    sa.Column("interval_s", sa.Float(precision=53), nullable=False),
+    sa.Column("tolerance_s", sa.Float(precision=53), nullable=False),
+)

@@ -10,8 +10,10 @@ row first, then its signals.
 from __future__ import annotations
 
 import json
+import random
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +21,7 @@ import sqlalchemy as sa
 from psycopg.rows import dict_row
 
 from durable_celery import errors
-from durable_celery.storage import composition
+from durable_celery.storage import composition, flow
 from durable_celery.storage.engine import EngineHolder, driver_sql
 from durable_celery.storage.records import (
     TERMINAL,
@@ -49,17 +51,23 @@ RUN_COLUMNS = (
 START = _q("""
 INSERT INTO {S}.runs (id, workflow, version, queue, run_queue, priority, status, step, state,
                       input, key, eligible_at, dispatch_at, dispatched_at, dispatch_count,
-                      parent_id, forked_from, app_version, concurrency_key, key_reuse)
+                      parent_id, forked_from, app_version, concurrency_key, key_reuse,
+                      token_seq, waiting_for, deadline_at, debounce_key, singleton_key, held)
 SELECT :id, :workflow, :version, :queue, :run_queue, :priority, 'runnable', :step,
        CAST(:state AS jsonb), CAST(:state AS jsonb), :key, t.due,
-       CASE WHEN t.due > now() THEN t.due ELSE now() + make_interval(secs => :redispatch) END,
-       CASE WHEN t.due > now() THEN NULL ELSE now() END,
-       CASE WHEN t.due > now() THEN 0 ELSE 1 END,
-       :parent_id, :forked_from, :app_version, :concurrency_key, :key_reuse
+       CASE WHEN :held THEN NULL WHEN t.due > now() THEN t.due
+            ELSE now() + make_interval(secs => :redispatch) END,
+       CASE WHEN t.due > now() OR :held THEN NULL ELSE now() END,
+       CASE WHEN t.due > now() OR :held THEN 0 ELSE 1 END,
+       :parent_id, :forked_from, :app_version, :concurrency_key, :key_reuse,
+       CAST(:token_seq AS integer), CAST(:waiting AS jsonb),
+       COALESCE(CAST(:deadline_at AS timestamptz),
+                now() + make_interval(secs => CAST(:deadline AS float8))),
+       :debounce_key, :singleton_key, :held
 FROM (SELECT GREATEST(now(), COALESCE(CAST(:at AS timestamptz),
                                       now() + make_interval(secs => :delay))) AS due) AS t
 ON CONFLICT DO NOTHING
-RETURNING id, eligible_at > now() AS delayed
+RETURNING id, eligible_at > now() AS delayed, held
 """)
 
 # Who holds the id or the key a start could not take (the key: as runs_key_idx says).
@@ -132,7 +140,7 @@ WHERE r.id = :id AND r.seq = :seq AND NOT r.held
                                          < (r.eligible_at, r.created_at, r.id)))))))))
 RETURNING r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key, r.run_queue,
           r.queue, r.priority, r.timed_out, r.started_at, r.concurrency_key, r.parent_id,
-          r.status,
+          r.status, r.token_seq,
           r.compensations, r.compensation_errors, r.failure, r.single_step,
           EXTRACT(EPOCH FROM r.eligible_at - clock_timestamp())::float8 AS due_in,
           (SELECT jsonb_agg(jsonb_build_object('index', c.child_index, 'workflow_id', c.id,
@@ -185,6 +193,7 @@ WITH r AS (
         ELSE compensations END,
     compensation_errors = COALESCE(CAST(:compensation_errors AS jsonb), compensation_errors),
     failure = COALESCE(CAST(:failure AS jsonb), failure),
+    waiting_for = NULL,
     await_deadline = now() + make_interval(secs => CAST(:deadline AS double precision)),
     -- A retry or a failure keeps the visit's signals (not consumed) and its timeout: the
     -- next attempt, or a resume, sees what this one saw.
@@ -365,21 +374,36 @@ class Store(SweepStore):
               at: datetime | None, priority: int = 0, parent_id: str | None = None,
               forked_from: str | None = None, app_version: str | None = None,
               concurrency_key: str | None = None, key_reuse: str = "reject",
-              ) -> tuple[str, bool]:
-        """Insert a runnable run; returns ``(workflow_id, publish_now)``."""
+              policy: flow.StartPolicy = flow.NO_POLICY) -> tuple[str, bool]:
+        """Insert a runnable run; returns ``(workflow_id, publish_now)`` (the id is a
+        pending run's when a debounce folded the start into it)."""
         run_id = workflow_id or str(uuid.uuid4())
         options: dict[str, Any] = {
             "workflow": workflow, "version": version, "step": step, "queue": queue,
             "run_queue": run_queue, "state": state, "key": key, "delay": delay, "at": at,
             "priority": priority, "parent_id": parent_id, "forked_from": forked_from,
             "app_version": app_version, "concurrency_key": concurrency_key,
-            "key_reuse": key_reuse}
-        for _ in range(3):
-            with self.db.begin() as conn:
-                found = self.start_on(conn, run_id, redispatch=self.redispatch_after, **options)
+            "key_reuse": key_reuse, "policy": policy}
+        tries = busy = 0
+        while tries < 3:
+            tries += 1
+            try:
+                with self.db.begin() as conn:
+                    found = self.start_on(conn, run_id, redispatch=self.redispatch_after,
+                                          **options)
+            except errors.StorageError as exc:
+                # A singleton's replace met a busy row of a run that just went live: it
+                # rolled back (freeing the singleton's lock); start over.
+                busy += 1
+                if exc.details.get("sqlstate") != flow.LOCK_NOT_AVAILABLE or busy > 50:
+                    raise
+                tries -= 1
+                time.sleep(random.uniform(0.001, 0.01))
+                continue
             if found is not None:
-                return run_id, found
-            # The conflicting run finished between the insert and the lookup: try again.
+                return found
+            # The conflicting run finished between the insert and the lookup (or a
+            # debounce key's pending run was inserted by a racing start): try again.
         raise errors.DuplicateWorkflow(f"key {key!r} is contended", existing_id=None, key=key)
 
     def start_on(self, conn: sa.Connection, run_id: str, *, workflow: str, version: int,
@@ -387,21 +411,31 @@ class Store(SweepStore):
                  delay: float, at: datetime | None, priority: int, parent_id: str | None,
                  forked_from: str | None, app_version: str | None,
                  concurrency_key: str | None, redispatch: float,
-                 key_reuse: str = "reject") -> bool | None:
-        """Insert a run on ``conn`` (the caller's transaction); returns publish_now, or None
-        when a conflicting run vanished meanwhile. ``redispatch``: seconds until the
-        dispatcher publishes it if nobody does (the outbox floor)."""
+                 key_reuse: str = "reject", policy: flow.StartPolicy = flow.NO_POLICY,
+                 ) -> tuple[str, bool] | None:
+        """Insert a run on ``conn`` (the caller's transaction); returns ``(id,
+        publish_now)``, or None when a conflicting run vanished meanwhile. ``redispatch``:
+        seconds until the dispatcher publishes it if nobody does (the outbox floor).
+        ``policy``: the flow control the start goes through first (debounce, singleton,
+        throttle, the first step's rate limits, the deadline)."""
+        applied = flow.apply_start_policy(conn, policy, state=state, delay=delay, at=at,
+                                          redispatch=redispatch)
+        if applied.pending is not None:
+            return applied.pending, False  # folded into a debounce key's pending run
         params = {"id": run_id, "workflow": workflow, "version": version, "queue": queue,
                   "run_queue": run_queue, "priority": priority, "step": step, "state": state,
-                  "key": key, "delay": float(delay), "at": at, "redispatch": redispatch,
-                  "parent_id": parent_id, "forked_from": forked_from,
+                  "key": key, "delay": float(applied.delay), "at": applied.at,
+                  "redispatch": redispatch, "parent_id": parent_id, "forked_from": forked_from,
                   "app_version": app_version, "concurrency_key": concurrency_key,
-                  "key_reuse": key_reuse}
+                  "key_reuse": key_reuse, "token_seq": applied.token_seq,
+                  "waiting": applied.waiting, "deadline": policy.deadline,
+                  "deadline_at": policy.deadline_at, "debounce_key": policy.debounce_key,
+                  "singleton_key": policy.singleton_key, "held": applied.held}
         row = conn.execute(START, params).mappings().first()
         if row is not None:
-            if row["delayed"]:
-                conn.execute(NOTIFY)
-            return not row["delayed"]
+            if row["delayed"] or policy.deadline is not None or policy.deadline_at is not None:
+                conn.execute(NOTIFY)  # a timer or a deadline: the dispatchers plan for it
+            return run_id, not row["delayed"] and not row["held"]
         holder = conn.execute(FIND_CONFLICT, {"id": run_id, "key": key}).mappings().first()
         if holder is not None:
             raise duplicate(run_id, key, holder["id"], holder["status"], holder["key_reuse"])
@@ -439,6 +473,44 @@ class Store(SweepStore):
                 continue  # the holder finished between the insert and the lookup
         raise errors.DuplicateWorkflow("start_many: keys are contended", existing_id=None,
                                        key=None)
+
+    def start_each(self, *, workflow: str, version: int, step: str, queue: str,
+                   run_queue: str | None, states: Sequence[str], keys: Sequence[str | None],
+                   workflow_ids: Sequence[str | None], delay: float, at: datetime | None,
+                   existing: bool, key_reuse: str, policies: Sequence[flow.StartPolicy],
+                   ) -> tuple[list[str], list[str], list[str]]:
+        """start_many through flow control: one insert per run, in order, in one
+        transaction. Returns ``(ids in input order, ids inserted, ids to publish now)``."""
+        ids = [wid or str(uuid.uuid4()) for wid in workflow_ids]
+        result: list[str] = []
+        inserted: list[str] = []
+        publish: list[str] = []
+        with self.db.begin() as conn:
+            for run_id, state, key, policy in zip(ids, states, keys, policies, strict=True):
+                try:
+                    with conn.begin_nested():  # a taken key or id takes no token either
+                        found = self.start_on(
+                            conn, run_id, workflow=workflow, version=version, step=step,
+                            queue=queue, run_queue=run_queue, state=state, key=key, delay=delay,
+                            at=at, priority=0, parent_id=None, forked_from=None,
+                            app_version=None, concurrency_key=None,
+                            redispatch=self.redispatch_after, key_reuse=key_reuse,
+                            policy=policy)
+                except errors.DuplicateWorkflow as exc:
+                    if not existing or exc.existing_id is None:
+                        exc.message += "; no run was started"
+                        exc.args = (exc.message,)
+                        raise
+                    result.append(exc.existing_id)
+                    continue
+                if found is None:
+                    raise errors.DuplicateWorkflow("start_many: keys are contended",
+                                                   existing_id=None, key=key)
+                result.append(found[0])
+                inserted.append(found[0])
+                if found[1]:
+                    publish.append(found[0])
+        return result, inserted, publish
 
     def _start_many(self, params: dict[str, Any], ids: list[str], keys: Sequence[str | None],
                     existing: bool) -> tuple[list[str], list[str], bool]:
@@ -522,20 +594,7 @@ class Store(SweepStore):
         ``lock_timeout`` (seconds): wait at most that long on a locked row (the run, its
         parent), else raise a transient ``StorageError``; the coordinator commits so."""
         t = transition
-        params = {
-            "id": claim.workflow_id, "lease": claim.lease, "seq": claim.seq,
-            "status": t.status, "step": t.step, "queue": t.queue, "attempt": t.attempt,
-            "state": t.state, "result": t.result, "error": t.error, "delay": float(t.delay),
-            "until": t.until, "publish": t.publish, "redispatch": self.redispatch_after,
-            "await_names": list(t.await_names) if t.await_names is not None else None,
-            "deadline": t.deadline, "terminal": t.terminal, "ran_step": claim.step,
-            "ran_attempt": claim.attempt, "outcome": t.outcome, "next_step": t.next_step,
-            "started_at": started_at, "worker": worker, "consume": t.consume,
-            "await_all": t.await_all, "children_pending": t.children_count,
-            "spawn_cap": t.spawn_cap,
-            "comp_push": t.comp_push, "compensations": t.compensations,
-            "compensation_errors": t.compensation_errors, "failure": t.failure,
-        }
+        params = self._commit_params(claim, t, worker=worker, started_at=started_at)
         # A Next, Retry or ending is one statement: autocommit, one round trip. Parking
         # (re-check the inbox), timers (NOTIFY), spawning, the ending of a child (its parent
         # counts it) and handing on a concurrency key take a transaction.
@@ -552,31 +611,92 @@ class Store(SweepStore):
         with self.db.begin() as conn:
             if lock_timeout is not None:
                 conn.execute(SET_LOCK_TIMEOUT, {"ms": f"{max(int(lock_timeout * 1000), 1)}ms"})
-            row = conn.execute(COMMIT, params).mappings().first()
-            if row is None:
-                return None
-            dispatch = Dispatch.from_row(row) if t.publish else None
-            status = row["status"]
-            wakes: list[Dispatch] = []
-            if t.children is not None:
-                wakes += self._insert_children(conn, row, t.children)
-            if t.terminal and row["parent_id"] is not None:
-                wakes += composition.children_finished(
-                    conn, [composition.Finished(row["parent_id"], row["spawn_seq"])],
-                    redispatch=self.redispatch_after)
-            if t.status == Status.AWAITING:
-                woke = conn.execute(WAKE_FROM_INBOX, {
-                    "id": claim.workflow_id, "names": list(t.await_names or ()),
-                    "redispatch": self.redispatch_after}).mappings().first()
-                if woke is not None:  # (an executing run is never held)
-                    dispatch, status = Dispatch.from_row(woke), Status.RUNNABLE
-            timer = (t.status in (Status.RUNNABLE, Status.COMPENSATING) and not t.publish) or (
-                t.deadline is not None and status == Status.AWAITING)
-            if claim.concurrency_key is not None and t.status != Status.EXECUTING:
-                timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
-            if timer:  # wake the dispatchers so they re-plan their sleep
-                conn.execute(NOTIFY)
+            return self._commit_in(conn, claim, t, params)
+
+    def _commit_params(self, claim: Claim, t: Transition, *, worker: str | None,
+                       started_at: datetime | None) -> dict[str, Any]:
+        return {
+            "id": claim.workflow_id, "lease": claim.lease, "seq": claim.seq,
+            "status": t.status, "step": t.step, "queue": t.queue, "attempt": t.attempt,
+            "state": t.state, "result": t.result, "error": t.error, "delay": float(t.delay),
+            "until": t.until, "publish": t.publish, "redispatch": self.redispatch_after,
+            "await_names": list(t.await_names) if t.await_names is not None else None,
+            "deadline": t.deadline, "terminal": t.terminal, "ran_step": claim.step,
+            "ran_attempt": claim.attempt, "outcome": t.outcome, "next_step": t.next_step,
+            "started_at": started_at, "worker": worker, "consume": t.consume,
+            "await_all": t.await_all, "children_pending": t.children_count,
+            "spawn_cap": t.spawn_cap,
+            "comp_push": t.comp_push, "compensations": t.compensations,
+            "compensation_errors": t.compensation_errors, "failure": t.failure,
+        }
+
+    def _commit_in(self, conn: sa.Connection, claim: Claim, t: Transition,
+                   params: dict[str, Any]) -> Committed | None:
+        """The commit's transaction: COMMIT, then what the outcome needs in the same
+        transaction (children, the parent's count, the inbox re-check, the key hand-off)."""
+        row = conn.execute(COMMIT, params).mappings().first()
+        if row is None:
+            return None
+        dispatch = Dispatch.from_row(row) if t.publish else None
+        status = row["status"]
+        wakes: list[Dispatch] = []
+        if t.children is not None:
+            wakes += self._insert_children(conn, row, t.children)
+        if t.terminal and row["parent_id"] is not None:
+            wakes += composition.children_finished(
+                conn, [composition.Finished(row["parent_id"], row["spawn_seq"])],
+                redispatch=self.redispatch_after)
+        if t.status == Status.AWAITING:
+            woke = conn.execute(WAKE_FROM_INBOX, {
+                "id": claim.workflow_id, "names": list(t.await_names or ()),
+                "redispatch": self.redispatch_after}).mappings().first()
+            if woke is not None:  # (an executing run is never held)
+                dispatch, status = Dispatch.from_row(woke), Status.RUNNABLE
+        timer = (t.status in (Status.RUNNABLE, Status.COMPENSATING) and not t.publish) or (
+            t.deadline is not None and status == Status.AWAITING)
+        if claim.concurrency_key is not None and t.status != Status.EXECUTING:
+            timer |= conn.execute(HANDOFF, {"key": claim.concurrency_key}).first() is not None
+        if timer:  # wake the dispatchers so they re-plan their sleep
+            conn.execute(NOTIFY)
         return Committed(seq=row["seq"], status=status, dispatch=dispatch, wakes=tuple(wakes))
+
+    def end_expired(self, decide: Callable[[Claim, datetime], Transition], *,
+                    lock_timeout: float) -> tuple[bool, Committed | None]:
+        """End one run whose deadline passed: taken over under a new lease, ended with
+        ``decide(claim, deadline)`` (fail, or compensate) through the step COMMIT, its live
+        children cancelled, in one transaction. Returns (one was due, what committed)."""
+        lease = uuid.uuid4().hex
+        with self.db.begin() as conn:
+            conn.execute(SET_LOCK_TIMEOUT, {"ms": f"{max(int(lock_timeout * 1000), 1)}ms"})
+            taken = flow.take_expired(conn, lease)
+            if taken is None:
+                return False, None
+            claim, was, deadline = taken
+            if was == Status.COMPENSATING:
+                return True, None  # its compensations run on; the deadline has fired
+            t = decide(claim, deadline)
+            committed = self._commit_in(conn, claim, t, self._commit_params(
+                claim, t, worker=None, started_at=None))
+            wakes: list[Dispatch] = []
+            for child in flow.live_children(conn, claim.workflow_id):
+                wakes += composition.cancel_tree(
+                    conn, child, "the parent's deadline passed",
+                    redispatch=self.redispatch_after)[1]
+        if committed is not None and wakes:
+            committed = Committed(seq=committed.seq, status=committed.status,
+                                  dispatch=committed.dispatch, wakes=committed.wakes + tuple(wakes))
+        return True, committed
+
+    def take_tokens(self, claim: Claim, buckets: Sequence[flow.Bucket], *,
+                    park_after: float) -> tuple[float, bool] | None:
+        """The claimed step's rate-limit tokens (``storage.flow.take_for_step``)."""
+        return flow.take_for_step(self.db, claim, buckets, park_after=park_after)
+
+    def hand_off(self, concurrency_key: str) -> None:
+        """A run parked while it held a concurrency key: the next waiter is due now."""
+        with self.db.begin() as conn:
+            if conn.execute(HANDOFF, {"key": concurrency_key}).first() is not None:
+                conn.execute(NOTIFY)
 
     def _insert_children(self, conn: sa.Connection, parent: Any, children: str,
                          ) -> list[Dispatch]:

@@ -89,14 +89,16 @@ RETURNING r.id, r.workflow, r.step, r.seq, r.queue, r.priority, r.held
 """)
 
 # When the dispatcher has work next: a timer ``:lead`` seconds before it is due (it is
-# published that far ahead), an await deadline when it passes.
+# published that far ahead), an await deadline or a run deadline when it passes.
 NEXT_DUE = _q("""
 SELECT LEAST(
   (SELECT min(dispatch_at) FROM {S}.runs
     WHERE status IN ('runnable', 'compensating') AND owner IS NULL)
     - make_interval(secs => :lead),
   (SELECT min(await_deadline) FROM {S}.runs
-    WHERE status = 'awaiting' AND await_deadline IS NOT NULL)
+    WHERE status = 'awaiting' AND await_deadline IS NOT NULL),
+  (SELECT min(deadline_at) FROM {S}.runs
+    WHERE deadline_at IS NOT NULL AND finished_at IS NULL)
 ) - now()
 """)
 
@@ -145,7 +147,7 @@ LOST_FOR_GOOD = _q("""
 SELECT r.id, r.workflow, r.version, r.step, r.seq, r.visit, r.attempt, r.state, r.key,
        r.run_queue, r.queue, r.priority, r.timed_out, r.concurrency_key, r.parent_id,
        r.status, r.compensations, r.compensation_errors, r.failure, r.single_step,
-       r.lease, r.owner, r.started_at, r.recoveries + 1 AS losses,
+       r.lease, r.owner, r.started_at, r.recoveries + 1 AS losses, r.token_seq,
        NULL::jsonb AS children, NULL::jsonb AS signals
 FROM {S}.runs AS r WHERE r.id = ANY(:ids) AND r.lease IS NOT NULL
 """)

@@ -3,7 +3,7 @@ import graph has no circle (imports under TYPE_CHECKING and inside functions cou
 
     0  errors, payloads, settings, checks, forksafe, embedded
     1  storage/
-    2  definitions, runtime/
+    2  definitions, flow, runtime/
     3  coordinator/, controls, signals, tasks, runs, receipt, integration
     4  app (Durable, the façade users see) and the package's __init__
     5  cli, testing, demo
@@ -21,7 +21,7 @@ PACKAGE = Path(durable_celery.__file__).resolve().parent
 LAYERS: dict[str, int] = {
     "errors": 0, "payloads": 0, "settings": 0, "checks": 0, "forksafe": 0, "embedded": 0,
     "storage": 1,
-    "definitions": 2, "runtime": 2,
+    "definitions": 2, "runtime": 2, "flow": 2,
     "coordinator": 3, "controls": 3, "signals": 3, "tasks": 3, "runs": 3, "receipt": 3,
     "integration": 3,
     "app": 4, "": 4,
