@@ -274,6 +274,6 @@ rate_buckets = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("tat", TIMESTAMPTZ, nullable=False),
     sa.Column("last_slot", TIMESTAMPTZ, nullable=False),
-    sa.Column("interval_s", sa.Float(precision=53), nullable=False),
-    sa.Column("tolerance_s", sa.Float(precision=53), nullable=False),
+    sa.Column("interval_s", postgresql.DOUBLE_PRECISION, nullable=False),
+    sa.Column("tolerance_s", postgresql.DOUBLE_PRECISION, nullable=False),
 )
