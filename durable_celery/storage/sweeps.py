@@ -126,6 +126,7 @@ WITH lost AS (
   UPDATE {S}.runs AS r SET
     status = CASE WHEN r.status = 'compensating' THEN 'compensating' ELSE 'runnable' END,
     attempt = r.attempt + 1, recoveries = r.recoveries + 1,
+    token_seq = NULL,  -- running the step again is a new start: it takes new tokens
     error = jsonb_build_object('type', 'WorkerLost',
                                'message', 'worker lost (' || (r.recoveries + 1) || ' times)',
                                'worker', r.owner),

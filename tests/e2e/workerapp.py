@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from durable_celery import Await, Done, Durable, Fail, Sleep, Spawn, foreach
+from durable_celery import Await, Done, Durable, Fail, RateLimit, Sleep, Spawn, foreach
 from tests.processes import ThreadConnections
 from tests.processes import psycopg_url as psycopg_url  # tests use workerapp.psycopg_url
 
@@ -242,6 +242,28 @@ def build(broker_url: str, database_url: str, queue: str, *,
     def pay(ctx: Any) -> Any:
         effects.record(ctx, "pay")
         return Fail("payment failed")
+
+    # -- flow control: a provider that takes 10 calls a second, across every worker
+    limited = durable.workflow("limited", rate_limit=RateLimit(
+        limit=10, period=1.0, name="e2e-provider", key=lambda state: state.get("bucket")))
+
+    @limited.step
+    def call_provider(ctx: Any) -> Any:
+        effects.record(ctx, "call")
+        _block(ctx)
+        return Done(ctx.state.get("n"))
+
+    # -- a run with a deadline, waiting for a signal that never comes
+    deadlined = durable.workflow("deadlined")
+
+    @deadlined.step
+    def wait_approval(ctx: Any) -> Any:
+        effects.record(ctx, "wait_approval")
+        return Await("approved")
+
+    @deadlined.step
+    def approved(ctx: Any) -> Any:
+        return Done("approved")
 
     return E2EApp(app=app, durable=durable, effects=effects)
 
