@@ -96,7 +96,7 @@ _TAKE = f"""
 # the slot is more than :park_after seconds away, the run is handed back to wait for it
 # as a timer (a wake-up tells the dispatchers to plan for it).
 TAKE_FOR_STEP = _q(f"""
-WITH res AS ({_TAKE} RETURNING b.last_slot
+WITH res AS ({_TAKE} RETURNING b.name, b.key, b.last_slot
 ), slot AS (
   SELECT max(last_slot) AS at, max(last_slot) > now() + make_interval(secs => :park_after)
          AS parked
@@ -114,8 +114,11 @@ UPDATE {{S}}.runs AS r SET
   dispatch_at = CASE WHEN slot.parked THEN slot.at ELSE r.dispatch_at END,
   dispatched_at = CASE WHEN slot.parked THEN NULL ELSE r.dispatched_at END,
   dispatch_count = CASE WHEN slot.parked THEN 0 ELSE r.dispatch_count END,
-  waiting_for = CASE WHEN slot.parked
-                     THEN CAST(:waiting AS jsonb) || jsonb_build_object('until', slot.at) END,
+  -- the limits whose slot it waits for (the latest of them)
+  waiting_for = CASE WHEN slot.parked THEN jsonb_build_object(
+      'kind', 'rate_limit', 'until', slot.at,
+      'limits', (SELECT jsonb_agg(jsonb_build_object('name', res.name, 'key', res.key))
+                 FROM res WHERE res.last_slot = slot.at)) END,
   updated_at = CASE WHEN slot.parked THEN now() ELSE r.updated_at END
 FROM slot, (SELECT count(*) FROM woken) AS w
 WHERE r.id = :id AND r.lease = :lease AND r.seq = :seq AND r.status = 'executing'
@@ -124,8 +127,8 @@ RETURNING EXTRACT(EPOCH FROM slot.at - clock_timestamp())::float8 AS wait, slot.
 TAKE_FOR_STEP_SQL = driver_sql(TAKE_FOR_STEP)
 
 # A start takes its tokens in its own transaction, before its row is inserted; returns
-# the latest slot.
-TAKE_FOR_START = _q(f"WITH res AS ({_TAKE} RETURNING b.last_slot) SELECT max(last_slot) FROM res")
+# each bucket's slot.
+TAKE_FOR_START = _q(f"{_TAKE} RETURNING b.name, b.key, b.last_slot")
 
 # A dropping throttle takes a token only if one is free at the start's due time.
 TAKE_IF_FREE = _q(f"""{_TAKE}
@@ -223,20 +226,13 @@ def _bucket_params(buckets: Sequence[Bucket]) -> dict[str, Any]:
             "tolerances": [float(b.tolerance) for b in buckets]}
 
 
-def waiting(buckets: Sequence[Bucket]) -> str:
-    """What ``waiting_for`` says of a run parked for tokens (explain)."""
-    return json.dumps({"kind": "rate_limit",
-                       "limits": [{"name": b.name, "key": b.key} for b in buckets]})
-
-
 def take_for_step(holder: EngineHolder, claim: Claim, buckets: Sequence[Bucket], *,
                   park_after: float) -> tuple[float, bool] | None:
     """Take a token from each bucket for the claimed step: ``(seconds until the slot,
     parked)``, or None when the claim's lease no longer holds the run."""
     params = {**_bucket_params(buckets), "not_before": None, "delay": 0.0,
               "id": claim.workflow_id,
-              "lease": claim.lease, "seq": claim.seq, "park_after": park_after,
-              "waiting": waiting(buckets)}
+              "lease": claim.lease, "seq": claim.seq, "park_after": park_after}
     with holder.raw() as conn:
         row = conn.cursor(row_factory=dict_row).execute(TAKE_FOR_STEP_SQL, params).fetchone()
     if row is None:
@@ -245,11 +241,13 @@ def take_for_step(holder: EngineHolder, claim: Claim, buckets: Sequence[Bucket],
 
 
 def take_for_start(conn: sa.Connection, buckets: Sequence[Bucket], *,
-                   not_before: datetime | None, delay: float) -> datetime:
+                   not_before: datetime | None, delay: float,
+                   ) -> list[tuple[str, str, datetime]]:
     """Take a token from each bucket for a start due at ``not_before`` (None: in
-    ``delay`` seconds); returns the slot it may start at."""
-    return conn.execute(TAKE_FOR_START, {  # type: ignore[no-any-return]
-        **_bucket_params(buckets), "not_before": not_before, "delay": delay}).scalar()
+    ``delay`` seconds); returns each bucket's (name, key, slot)."""
+    rows = conn.execute(TAKE_FOR_START, {**_bucket_params(buckets), "not_before": not_before,
+                                         "delay": delay}).all()
+    return [(str(r[0]), str(r[1]), r[2]) for r in rows]
 
 
 def take_if_free(conn: sa.Connection, bucket: Bucket, *, not_before: datetime | None,
@@ -295,7 +293,7 @@ def apply_start_policy(conn: sa.Connection, policy: StartPolicy, *, state: str, 
                 composition.cancel_tree(
                     conn, holder, f"replaced by a new run of singleton key "
                     f"{policy.singleton_key!r}", redispatch=redispatch)
-    slots: list[datetime] = []
+    slots: list[tuple[str, str, datetime]] = []
     if policy.throttle is not None:
         if policy.drop:
             if not take_if_free(conn, policy.throttle, not_before=at, delay=delay):
@@ -304,22 +302,22 @@ def apply_start_policy(conn: sa.Connection, policy: StartPolicy, *, state: str, 
                     f"throttled: {policy.throttle.describe()} allows no start now; try again "
                     f"in {wait:.3f}s", retry_after=wait, key=policy.throttle.key)
         else:
-            slots.append(take_for_start(conn, [policy.throttle], not_before=at, delay=delay))
+            slots += take_for_start(conn, [policy.throttle], not_before=at, delay=delay)
     token_seq = None
     if policy.tokens:
-        slots.append(take_for_start(conn, policy.tokens, not_before=at, delay=delay))
+        slots += take_for_start(conn, policy.tokens, not_before=at, delay=delay)
         token_seq = 0
     if slots:
-        latest = max(slots)
+        latest = max(slot for _, _, slot in slots)
         later = conn.execute(_q("SELECT CAST(:slot AS timestamptz) > "
                                 "COALESCE(CAST(:at AS timestamptz), "
                                 "now() + make_interval(secs => :delay))"),
                              {"slot": latest, "at": at, "delay": delay}).scalar()
         if later:
-            limits = ([policy.throttle] if policy.throttle is not None else []) + list(
-                policy.tokens)
-            waiting = {"kind": "rate_limit" if policy.tokens else "throttle",
-                       "limits": [{"name": b.name, "key": b.key} for b in limits],
+            binding = [{"name": name, "key": key} for name, key, slot in slots
+                       if slot == latest]
+            throttled = policy.throttle is not None and binding[0]["name"] == policy.throttle.name
+            waiting = {"kind": "throttle" if throttled else "rate_limit", "limits": binding,
                        "until": latest.isoformat()}
             at = latest
     return Applied(delay=delay, at=at, held=held, token_seq=token_seq,

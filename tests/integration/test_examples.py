@@ -89,3 +89,16 @@ def test_approval_approve_reject_and_timeout(example):
     drain(ex.durable, expire_awaits=True)
     assert ex.durable.wait_result(silent, timeout=5) == {
         "approved": False, "reason": "no answer in time from ['manager']"}
+
+
+def test_flow_control_example_starts_and_explains(example, capsys):
+    flow = example("flow_control")
+    flow.main()
+    out = capsys.readouterr().out
+    assert "one sync run: {'" in out and out.count("'") >= 2
+    assert "why is the second report waiting? queued behind live run" in out
+    drain(flow.durable)
+    runs = flow.durable.list_workflows(limit=100)
+    assert {r.status for r in runs} == {"done"}
+    charged = [r for r in runs if r.workflow == "payments"]
+    assert len(charged) == 20
