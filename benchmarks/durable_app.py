@@ -16,7 +16,7 @@ from celery import Celery
 from celery import signals as celery_signals
 
 from benchmarks import marks
-from durable_celery import Await, Done, Durable, Sleep
+from durable_celery import Await, Done, Durable, RateLimit, Sleep
 
 STEPS = 10
 
@@ -53,6 +53,26 @@ def build(broker_url: str, database_url: str, redis_url: str, queue: str, prefix
         wf = durable.workflow(name, run_ahead=ahead)
         for i in range(STEPS):
             wf.step(trivial(f"s{i}"))
+
+    # Benchmark 9 (flow control): the same ten steps, each taking a token of a limit too
+    # high to ever bind (what a limit costs); one step under a saturated limit; one step
+    # limited per tenant (fairness).
+    limited = durable.workflow("chain10_limited", rate_limit=RateLimit(
+        limit=1_000_000, name="bench-idle"))
+    for i in range(STEPS):
+        limited.step(trivial(f"s{i}"))
+    saturated = durable.workflow("saturated", rate_limit=RateLimit(limit=50, name="bench-sat"))
+
+    @saturated.step
+    def call(ctx: Any) -> Any:
+        return Done({"started": time.time()})
+
+    tenants = durable.workflow("tenant", rate_limit=RateLimit(
+        limit=100, name="bench-tenant", key=lambda state: state["tenant"]))
+
+    @tenants.step
+    def serve(ctx: Any) -> Any:
+        return Done({"started": time.time()})
 
     # Benchmark 3: park on a signal; the next step marks when it starts.
     resume = durable.workflow("resume")

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "6. throughput with 1,000,000 finished + 100,000 parked runs vs empty; EXPLAIN",
     "starts": "7. runs started per second, one by one and with start_many()",
     "memory": "8. worker RSS with 100,000 parked runs vs none",
+    "flow": "9. flow control: a non-binding limit's cost, a saturated limiter, per-key fairness",
 }
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[Bench], None]] = {
         "throughput": suites.throughput, "latency": suites.latency, "resume": suites.resume,
         "timer": suites.timers, "recovery": suites.recovery, "starts": suites.starts,
-        "memory": suites.memory,
+        "memory": suites.memory, "flow": suites.flow,
         "scale": lambda b: scale.scale(b, rows=rows, history=args.scale_history, parked=parked),
     }
     failed = []

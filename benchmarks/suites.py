@@ -409,3 +409,84 @@ def memory(bench: Bench) -> None:
                  target="ours within noise (< 5 MiB)",
                  check=lambda _: _median(growth_o) < max(5.0, 2 * noise),
                  extra={"baseline_spread_mib": noise})
+
+
+# ---------------------------------------------------------------------- 9. flow control
+
+
+def _wait_done(bench: Bench, ids: list[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while bench.sql("SELECT count(*) FROM durable_celery.runs WHERE id = ANY(%s) "
+                    "AND status <> 'done'", (ids,))[0][0]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("flow benchmark runs did not finish")
+        time.sleep(POLL)
+
+
+def _commits(bench: Bench) -> int:
+    return int(bench.sql("SELECT xact_commit FROM pg_stat_database "
+                         "WHERE datname = current_database()")[0][0])
+
+
+def flow(bench: Bench) -> None:
+    """(a) chain10 with a limit on every step that never binds vs chain10: the cost of a
+    used limit (an unused one runs no statement). (b) 200 starts under a 50/s limit: the
+    rate achieved, and Postgres commits per second while saturated vs idle. (c) 10,000 runs
+    of tenant A queued under a per-tenant 100/s limit; tenant B's runs start within their
+    own limit (start to step, vs the same with no backlog)."""
+    runs = 100 if bench.quick else 300
+    bench.truncate()
+    bench.sql("TRUNCATE durable_celery.rate_buckets")
+    with bench.pair("flow", pool="prefork", concurrency=2) as (oq, _tq):
+        ours_throughput(bench, oq, "chain10", 20)
+        ours_throughput(bench, oq, "chain10_limited", 20)
+        plain, limited = [], []
+        for _ in range(bench.repeats):
+            plain.append(ours_throughput(bench, oq, "chain10", runs))
+            limited.append(ours_throughput(bench, oq, "chain10_limited", runs))
+        bench.report("flow", f"{runs} x 10 steps, a limit on each", "steps/s", ours=limited,
+                     theirs=plain, variant="non-binding", pool="prefork -c 2",
+                     extra={"twin": "the same workflow without a limit"})
+
+        durable = bench.ours(oq).durable
+        saturated = durable.get_definition("saturated")
+        before, t0 = _commits(bench), time.monotonic()
+        time.sleep(2.0)
+        idle = (_commits(bench) - before) / (time.monotonic() - t0)
+        n = 100 if bench.quick else 200
+        before, t0 = _commits(bench), time.monotonic()
+        ids = [saturated.start({}) for _ in range(n)]
+        _wait_done(bench, ids)
+        elapsed = time.monotonic() - t0
+        busy = (_commits(bench) - before) / elapsed
+        started = sorted(durable.get_workflow(i).result["started"] for i in ids)
+        rate = (n - 1) / (started[-1] - started[0])
+        bench.report("flow", f"{n} starts under 50/s", "starts/s", ours=[rate],
+                     variant="saturated", pool="prefork -c 2", target="<= 50.5",
+                     check=lambda r: r <= 50.5)
+        bench.report("flow", "Postgres commits/s while saturated", "commits/s", ours=[busy],
+                     variant="saturated", pool="prefork -c 2",
+                     extra={"idle_commits_per_s": idle, "per_start": busy / rate})
+
+        tenant = durable.get_definition("tenant")
+        backlog = 1000 if bench.quick else 10_000
+
+        def b_latency() -> list[float]:
+            out = []
+            for _ in range(20):
+                t = time.time()
+                wid = tenant.start({"tenant": "b"})
+                durable.wait_result(wid, timeout=30)
+                out.append(durable.get_workflow(wid).result["started"] - t)
+                time.sleep(0.02)
+            return out
+
+        quiet = b_latency()
+        for offset in range(0, backlog, 1000):
+            tenant.start_many([{"tenant": "a"}] * min(1000, backlog - offset))
+        loaded = b_latency()
+        bench.report("flow", f"tenant B start->step, A has {backlog:,} queued", "ms",
+                     ours=ms(loaded), theirs=ms(quiet), variant="per-key 100/s",
+                     pool="prefork -c 2", higher_is_better=False,
+                     extra={"twin": "tenant B with no backlog of A"})
+        bench.sql("DELETE FROM durable_celery.runs WHERE state ->> 'tenant' = 'a'")

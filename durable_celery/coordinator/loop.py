@@ -87,11 +87,14 @@ class Coordinator:
             self.readiness.ensure(wait=False)
             # Due timers first: the other sweeps' statements would add to every overshoot.
             done = self.dispatcher.run_once()
-            done += self.deadlines.run_once()
             now = time.monotonic()
+            deadline = self.dispatcher.deadline_at
+            if deadline is not None and now >= deadline:
+                done += self.deadlines.run_once()  # a run deadline passed (planned for it)
             if now >= self._next_reap:
                 self._next_reap = now + interval
                 self.reaper.run_once()
+                self.deadlines.run_once()  # and every sweep_interval, whatever was planned
                 if self.redis is not None:
                     self.redis.run_once()
             if now >= self._next_gc:

@@ -53,9 +53,14 @@ class Dispatcher:
                 break  # the broker failed (retry later), or nothing more is due
         return done
 
+    # When (monotonic) the nearest run deadline passes, as the last seconds_to_next() saw.
+    deadline_at: float | None = None
+
     def seconds_to_next(self) -> float | None:
         """Seconds until the next pass has work (a timer counts ``timer_lead`` early)."""
-        return self.store.seconds_to_next_due(lead=self.settings.timer_lead)
+        due, deadline = self.store.seconds_to_next_due(lead=self.settings.timer_lead)
+        self.deadline_at = None if deadline is None else time.monotonic() + deadline
+        return due
 
 
 class Deadlines:

@@ -97,9 +97,10 @@ SELECT LEAST(
     - make_interval(secs => :lead),
   (SELECT min(await_deadline) FROM {S}.runs
     WHERE status = 'awaiting' AND await_deadline IS NOT NULL),
-  (SELECT min(deadline_at) FROM {S}.runs
-    WHERE deadline_at IS NOT NULL AND finished_at IS NULL)
-) - now()
+  d.at
+) - now(), d.at - now()
+FROM (SELECT min(deadline_at) AS at FROM {S}.runs
+      WHERE deadline_at IS NOT NULL AND finished_at IS NULL) AS d
 """)
 
 # A lost step (its worker's heartbeat is stale) runs again: runnable (a compensation stays
@@ -312,11 +313,12 @@ class SweepStore:
                 "limit": limit, "redispatch": self.redispatch_after}).mappings().all()
         return [Dispatch.from_row(r) for r in rows if not r["held"]]
 
-    def seconds_to_next_due(self, *, lead: float = 0.0) -> float | None:
-        """Seconds until the dispatcher has work (timers count ``lead`` seconds early)."""
+    def seconds_to_next_due(self, *, lead: float = 0.0) -> tuple[float | None, float | None]:
+        """Seconds until the dispatcher has work (timers count ``lead`` seconds early), and
+        until the nearest run deadline (the deadline sweep's work)."""
         with self.db.connect() as conn:
-            delta = conn.execute(NEXT_DUE, {"lead": lead}).scalar()
-        return None if delta is None else delta.total_seconds()
+            row = conn.execute(NEXT_DUE, {"lead": lead}).one()
+        return tuple(None if v is None else v.total_seconds() for v in row)  # type: ignore[return-value]
 
     def reap(self, *, stale_after: float, max_recoveries: int, limit: int) -> Reaped:
         """Return runs of dead workers to runnable (or compensating); the ones that ran out
