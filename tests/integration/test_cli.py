@@ -65,6 +65,7 @@ def test_status_list_and_signal(cli, durable, published):
     (("signal", "x", "", "--payload", "1"), "InvalidArgument", 2),
     (("list", "--status", "sleeping"), "InvalidArgument", 2),
     (("list", "--limit", "0"), "InvalidArgument", 2),
+    (("explain", "no-such-run"), "WorkflowNotFound", 2),
 ])
 def test_bad_input_is_a_json_error_and_a_non_zero_exit(cli, clean_db, args, error, code):
     result = cli(*args)
@@ -95,3 +96,27 @@ def test_no_database_url_is_a_configuration_error(redis_url, monkeypatch):
             Durable(app)
     finally:
         app.close()
+
+
+def test_explain_prints_what_a_run_waits_for(cli, durable, published):
+    from durable_celery import Await
+
+    wf = durable.workflow("cli_explain")
+
+    @wf.step
+    def park(ctx):
+        return Await("approved", timeout=600)
+
+    @wf.step
+    def finish(ctx):
+        return Done()
+
+    wid = wf.start()
+    drain(durable)
+    shown = cli("explain", wid)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith(f"{wid}  cli_explain v1  awaiting at finish (attempt 0")
+    assert "waiting for one of signals ['approved'] since" in lines[1]
+    data = json.loads(cli("explain", wid, "--json").output)
+    assert data["reasons"][0]["kind"] == "signal" and data["reasons"][0]["deadline"]
