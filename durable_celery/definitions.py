@@ -306,6 +306,8 @@ class Step:
     rate_limits: tuple[flow.RateLimit, ...] = ()   # its own (the workflow's come too)
     schedule_to_start: float | None = None  # seconds a due step may wait for a worker
     on_late: str = "fail"                   # past schedule_to_start: "fail" or "skip"
+    time_limit: float | None = None         # Celery's, on this step's task (prefork pool)
+    soft_time_limit: float | None = None
 
     def __call__(self, ctx: Context) -> Any:
         return self.fn(ctx)
@@ -398,14 +400,16 @@ class Workflow:
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
              run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
              rate_limit: Any = None, schedule_to_start: float | None = None,
-             on_late: str = "fail",
+             on_late: str = "fail", time_limit: float | None = None,
+             soft_time_limit: float | None = None,
              ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(self, fn: StepFunction | None = None, *, name: str | None = None,
              retry: RetryOptions | RetryPolicy | None = None, queue: str | None = None,
              run_ahead: bool | None = None, compensate: str | Callable[..., Any] | None = None,
              rate_limit: Any = None, schedule_to_start: float | None = None,
-             on_late: str = "fail",
+             on_late: str = "fail", time_limit: float | None = None,
+             soft_time_limit: float | None = None,
              ) -> Any:
         """Declare a step. The first declared step is the initial one.
 
@@ -415,14 +419,26 @@ class Workflow:
         Celery's "10/s"), or a list, that each start of this step takes a token from.
         ``schedule_to_start``: seconds the step may wait, once due, for a worker to start
         it; later, the attempt fails (``on_late="fail"``, through the retry policy) or the
-        step is skipped (``"skip"``: the run goes on as if it returned None). The function
-        is returned unchanged, so it can still be called directly in tests.
+        step is skipped (``"skip"``: the run goes on as if it returned None).
+        ``time_limit`` / ``soft_time_limit``: Celery's time limits on this step's task
+        (the soft one raises ``SoftTimeLimitExceeded`` in the step: a failure for the retry
+        policy; the hard one ends the pool process: the step is recovered as after a
+        crash); the step always runs as a task of its own (never reached by run-ahead).
+        The prefork pool enforces them; the threads and solo pools do not (Celery's
+        rule). The function is returned unchanged, so it can still be called directly in
+        tests.
         """
         policy = RetryPolicy.parse(retry)
         limits = flow.rate_limits(rate_limit, "rate_limit")
         late = None if schedule_to_start is None else check_seconds(
             schedule_to_start, "schedule_to_start")
         flow.check_on_late(on_late)
+        hard = None if time_limit is None else flow.check_limit_seconds(time_limit, "time_limit")
+        soft = None if soft_time_limit is None else flow.check_limit_seconds(
+            soft_time_limit, "soft_time_limit")
+        if hard is not None and soft is not None and soft >= hard:
+            raise errors.InvalidArgument(
+                f"soft_time_limit ({soft}) must be less than time_limit ({hard})")
         if queue is not None:
             check_name(queue, "queue")
         undo = None
@@ -442,7 +458,8 @@ class Workflow:
             self._check_free(step_name)
             step = Step(name=step_name, fn=func, index=len(self.steps), retry=policy,
                         queue=queue, run_ahead=run_ahead, compensate=undo,
-                        rate_limits=limits, schedule_to_start=late, on_late=on_late)
+                        rate_limits=limits, schedule_to_start=late, on_late=on_late,
+                        time_limit=hard, soft_time_limit=soft)
             self.steps[step_name] = step
             self.owner.register_step(self, step)
             return func

@@ -279,3 +279,8 @@ def buckets(limits: Iterable[RateLimit], state: Any, default_name: str) -> list[
 def check_deadline(value: Any) -> float:
     """A workflow's ``deadline``: seconds (more than 0) from each run's start."""
     return _check_period(value, "deadline")
+
+
+def check_limit_seconds(value: Any, what: str) -> float:
+    """A step's ``time_limit`` / ``soft_time_limit``: seconds, more than 0."""
+    return _check_period(value, what)

@@ -47,8 +47,10 @@ def register_step(app: Any, wf: Workflow, step: Step, *, executor: Executor,
     run_step.__name__ = run_step.__qualname__ = re.sub(r"\W", "_", f"{wf.name}__{step.name}")
     # shared=False: the task belongs to this app only. No queue= option (deprecated in
     # Celery 5.7): every publish names its queue explicitly.
+    # A step's own time limits are its task's (Celery enforces them in the prefork pool).
     app.task(name=name, ignore_result=True, serializer="json", acks_late=False,
-             typing=False, shared=False, bind=True)(run_step)
+             typing=False, shared=False, bind=True, time_limit=step.time_limit,
+             soft_time_limit=step.soft_time_limit)(run_step)
 
 
 def apply_start(registry: Registry, message_id: str | None, workflow: Any = None,

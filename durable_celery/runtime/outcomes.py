@@ -275,7 +275,9 @@ def _state(v: Visit, state: Any) -> str:
 def _next(v: Visit, target: Step, state: str, run_ahead: bool | None = None) -> Transition:
     queue = _queue(v, target)
     allowed = _ahead_allowed(v.workflow, target) if run_ahead is None else run_ahead
-    ahead = v.run_ahead and queue == v.queue and allowed
+    # A step with time limits is always a task of its own: its message carries them.
+    limited = target.time_limit is not None or target.soft_time_limit is not None
+    ahead = v.run_ahead and queue == v.queue and allowed and not limited
     return Transition(status=Status.EXECUTING if ahead else Status.RUNNABLE, step=target.name,
                       queue=queue, attempt=0, state=state, publish=not ahead, outcome="next",
                       next_step=target.name)

@@ -26,3 +26,18 @@ def test_a_step_longer_than_the_limit_is_still_cut_off(e2e):
     run = e2e.wait_status(wid, "failed", timeout=60)
     assert run.error["type"] == "SoftTimeLimitExceeded"
     assert [h.step for h in e2e.durable.workflow_steps(wid)] == ["s1"]
+
+
+def test_a_steps_own_soft_limit_fails_the_attempt_and_the_retry_succeeds(e2e):
+    e2e.worker("prefork", 2)  # no worker-wide limit: the step declares its own
+    wid = e2e.start("bounded", {"pause": 3})
+    run = e2e.wait_status(wid, "done", timeout=60)
+    assert run.result == {"attempt": 1}
+    history = [(h.step, h.outcome, (h.error or {}).get("type"))
+               for h in e2e.durable.workflow_steps(wid)]
+    # lead_in did not run ahead into capped (published as its own task, with its limits);
+    # the first attempt was cut off by the soft limit after 1 s, not the 3 s it wanted.
+    assert history == [("lead_in", "next", None), ("capped", "retry", "SoftTimeLimitExceeded"),
+                       ("capped", "done", None)]
+    first = e2e.durable.workflow_steps(wid)[1]
+    assert (first.finished_at - first.started_at).total_seconds() < 2.5

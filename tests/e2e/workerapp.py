@@ -265,6 +265,21 @@ def build(broker_url: str, database_url: str, queue: str, *,
     def approved(ctx: Any) -> Any:
         return Done("approved")
 
+    # -- a step with its own time limits, reached from a step without (no run-ahead into it)
+    bounded = durable.workflow("bounded")
+
+    @bounded.step
+    def lead_in(ctx: Any) -> Any:
+        effects.record(ctx, "lead_in")
+        return None
+
+    @bounded.step(soft_time_limit=1.0, time_limit=5.0, retry={"max_attempts": 2, "delay": 0.1})
+    def capped(ctx: Any) -> Any:
+        effects.record(ctx, "capped")
+        if ctx.attempt == 0:
+            time.sleep(float(ctx.state.get("pause", 0)))
+        return Done({"attempt": ctx.attempt})
+
     return E2EApp(app=app, durable=durable, effects=effects)
 
 

@@ -553,3 +553,28 @@ def test_an_exception_that_cannot_be_printed_still_gives_a_transition(wf: Workfl
     t = outcomes.from_exception(visit(wf, "pay"), raised(Unprintable()))
     error = assert_failed(t, step="pay", message="", error_type="Unprintable")
     assert error["attempts"] == 1
+
+
+def test_a_step_with_time_limits_is_never_reached_by_run_ahead(fake_durable: FakeDurable) -> None:
+    wf = Workflow(owner=fake_durable, name="bounded")  # type: ignore[arg-type]
+
+    @wf.step
+    def first(ctx: Any) -> Any: ...
+
+    @wf.step(soft_time_limit=1.0, time_limit=2.0)
+    def second(ctx: Any) -> Any: ...
+
+    plain = outcomes.decide(visit(wf, "first", run_ahead=True), None, {})
+    forced = outcomes.decide(visit(wf, "first", run_ahead=True), Next("second", run_ahead=True),
+                             {})
+    for t in (plain, forced):
+        assert (t.status, t.step, t.publish) == ("runnable", "second", True)
+
+
+@pytest.mark.parametrize("options", [
+    {"time_limit": 0}, {"soft_time_limit": -1}, {"time_limit": "1"},
+    {"time_limit": 1.0, "soft_time_limit": 1.0}, {"time_limit": 1.0, "soft_time_limit": 2.0}])
+def test_bad_step_time_limits(fake_durable: FakeDurable, options: dict[str, Any]) -> None:
+    wf = Workflow(owner=fake_durable, name="bad")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        wf.step(**options)(lambda ctx: None)
