@@ -213,7 +213,7 @@ class Debounce:
         if self.keep == "first":
             return pending
         try:
-            return self.keep(pending, new)  # type: ignore[operator]
+            return self.keep(pending, new)
         except Exception as exc:
             raise errors.InvalidArgument(
                 f"the Debounce merge function raised {type(exc).__name__}: {exc}"[:300]) from exc

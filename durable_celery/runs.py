@@ -175,15 +175,15 @@ class Runs:
                     "singleton=, which decide one start at a time; call start() per run")
             # Throttles, rate limits, deadlines: each run takes its tokens in order, in one
             # transaction (all or nothing, as start_many always is).
-            run_ids, new, publish = self.store.start_each(
+            each_ids, _, to_publish = self.store.start_each(
                 workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
                 run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,
                 delay=float(delay or 0.0), at=at, existing=on_conflict == "existing",
                 key_reuse=policy, policies=controls)
             self.publisher.publish_many([
                 Dispatch(workflow_id=run_id, workflow=wf.name, step=first.name, seq=0,
-                         queue=target_queue, priority=0) for run_id in publish])
-            return run_ids
+                         queue=target_queue, priority=0) for run_id in to_publish])
+            return each_ids
         run_ids, new, publish = self.store.start_many(
             workflow=wf.name, version=wf.version, step=first.name, queue=target_queue,
             run_queue=queue, states=texts, keys=key_list, workflow_ids=id_list,

@@ -59,9 +59,10 @@ def reasons(row: dict[str, Any]) -> list[dict[str, Any]]:
     elif status == Status.AWAITING:
         names = list(row["await_names"] or ())
         mode = "all of" if row["await_all"] else "one of"
-        item = {"kind": "signal", "names": names, "mode": "all" if row["await_all"] else "any",
-                "since": _iso(row["updated_at"]), "deadline": _iso(row["await_deadline"]),
-                "pending": sorted(row["pending_signals"] or ())}
+        item: dict[str, Any] = {
+            "kind": "signal", "names": names, "mode": "all" if row["await_all"] else "any",
+            "since": _iso(row["updated_at"]), "deadline": _iso(row["await_deadline"]),
+            "pending": sorted(row["pending_signals"] or ())}
         until = f", until {_iso(row['await_deadline'])}" if row["await_deadline"] else ""
         item["message"] = (f"waiting for {mode} signals {names} since "
                            f"{_iso(row['updated_at'])}{until}")
@@ -110,14 +111,14 @@ def reasons(row: dict[str, Any]) -> list[dict[str, Any]]:
                                      f"run {row['key_holder']}"})
         elif row["dispatched_at"] is not None:
             sends = int(row["dispatch_count"] or 0)
-            item = {"kind": "queued", "queue": row["queue"], "since": _iso(row["dispatched_at"]),
-                    "sends": sends,
-                    "message": f"its message is on queue {row['queue']!r} since "
-                               f"{_iso(row['dispatched_at'])}"}
+            queued: dict[str, Any] = {
+                "kind": "queued", "queue": row["queue"], "since": _iso(row["dispatched_at"]),
+                "sends": sends, "message": f"its message is on queue {row['queue']!r} since "
+                                           f"{_iso(row['dispatched_at'])}"}
             if sends > 1:
-                item["message"] += (f"; overdue: sent {sends} times (no worker took it up"
-                                    " in time)")
-            found.append(item)
+                queued["message"] += (f"; overdue: sent {sends} times (no worker took it up"
+                                      " in time)")
+            found.append(queued)
         else:
             found.append({"kind": "dispatch", "at": _iso(row["dispatch_at"]),
                           "message": f"due; the dispatcher publishes it at "

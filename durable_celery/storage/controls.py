@@ -78,7 +78,12 @@ WITH t AS (
               ELSE 'runnable' END AS next_status,
          EXISTS (SELECT 1 FROM {S}.runs AS p WHERE p.id = r.parent_id
                     AND p.status = 'awaiting_children' AND p.visit = r.spawn_seq
-                    AND (r.held OR p.spawn_cap IS NOT NULL)) AS keep_held,
+                    AND (r.held OR p.spawn_cap IS NOT NULL))
+         -- a singleton whose key another live run holds now waits behind it (released
+         -- by that run's end, as a queued start is)
+         OR (r.singleton_key IS NOT NULL AND r.parent_id IS NULL AND EXISTS (
+               SELECT 1 FROM {S}.runs AS o WHERE o.singleton_key = r.singleton_key
+                  AND o.finished_at IS NULL AND NOT o.held AND o.id <> r.id)) AS keep_held,
          GREATEST(r.eligible_at, now()) AS due
   FROM {S}.runs AS r WHERE r.id = :id AND r.status IN ('cancelled', 'failed')
 ), u AS (

@@ -4,6 +4,7 @@ replace, concurrent starts), run deadlines, schedule_to_start, explain, and bad 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -28,7 +29,7 @@ from tests.integration.support import execute_sql, run_row, scalar, start_thread
 
 def eligible_gaps(db_engine, ids):
     times = [run_row(db_engine, i)["eligible_at"] for i in ids]
-    return [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
 
 
 def bucket_count(db_engine):
@@ -166,7 +167,7 @@ def test_bad_policy_options_are_refused_at_declaration(durable):
         wf.step(schedule_to_start="soon")(lambda ctx: None)
     with pytest.raises(InvalidArgument, match="on_late"):
         wf.step(schedule_to_start=1, on_late="never")(lambda ctx: None)
-    with pytest.raises(InvalidArgument, match="unsupported @durable.task"):
+    with pytest.raises(InvalidArgument, match=r"unsupported @durable\.task"):
         durable.task(name="t", rate_limits="1/s")(lambda: None)
 
 
@@ -489,3 +490,15 @@ def test_explain_names_what_holds_each_run(durable, published, db_engine):
             "finished_at"].isoformat(), "message": "the run ended cancelled"}]
     with pytest.raises(InvalidArgument):
         durable.explain("")
+
+
+def test_a_resumed_singleton_waits_behind_the_live_run(durable, published, db_engine):
+    wf = singleton_workflow(durable, "queue")
+    first = wf.start({"report": "daily"})
+    durable.cancel_workflow(first, "c1")
+    second = wf.start({"report": "daily"})  # live now
+    durable.resume_workflow(first, "r1")
+    assert run_row(db_engine, first)["held"] is True
+    assert durable.explain(first)["reasons"][0]["behind"] == second
+    durable.cancel_workflow(second, "c2")
+    assert run_row(db_engine, first)["held"] is False
