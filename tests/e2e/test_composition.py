@@ -41,9 +41,9 @@ def test_foreach_never_exceeds_its_concurrency_and_finishes_everything(e2e: Harn
     checks the database while it runs."""
     e2e.worker("threads", 16, label="threads")
     e2e.worker("prefork", 2, label="prefork")
-    # Each item takes 50 ms: long next to a claim and a commit even on a loaded machine, so
-    # the ten slots really fill up (the lower bound below).
-    wid = e2e.start("bulk", {"count": 1000, "cap": 10, "pause": 0.05})
+    # Each item takes 100 ms: long next to a release, a publish, a claim and a commit even
+    # on a loaded machine, so the ten slots really fill up (the lower bound below).
+    wid = e2e.start("bulk", {"count": 1000, "cap": 10, "pause": 0.1})
     samples: list[tuple[int, int]] = []
     stop = threading.Event()
     errors: list[BaseException] = []
