@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from durable_celery import errors
-from durable_celery.definitions import Registry
+from durable_celery.definitions import Registry, Workflow
 from durable_celery.runtime import limits, outcomes
 from durable_celery.runtime.context import Context
 from durable_celery.runtime.hooks import Hooks
@@ -63,7 +63,8 @@ class Executor:
         ``timer_lead``) and held by the worker until then. ``run_ahead``: whether this task may
         run further steps itself (not under a Celery time limit). Returns what happened: ``"stale"``
         (dropped), ``"committed"``, ``"lease_lost"``, ``"released"`` (this process lacks the
-        workflow version), ``"early"`` (sent again for later) or ``"bad_message"``.
+        workflow version), ``"early"`` (sent again for later), ``"rate_limited"`` (parked as
+        a timer until its rate-limit slot) or ``"bad_message"``.
         """
         if not isinstance(workflow_id, str) or isinstance(seq, bool) or not isinstance(seq, int):
             self.hooks.event("bad_message", None)
@@ -247,7 +248,7 @@ class Executor:
             f"step {claim.step!r} was not started within {step.schedule_to_start}s of being "
             f"due ({late_by:.3f}s late)", late_by=late_by))
 
-    def _take_tokens(self, wf: Any, visit: outcomes.Visit, claim: Claim,
+    def _take_tokens(self, wf: Workflow, visit: outcomes.Visit, claim: Claim,
                      ) -> str | Transition | None:
         """The step's rate limits: take a token from each (one statement). A slot a little
         ahead is slept out here; a later one parks the run as a timer until then (this
