@@ -141,9 +141,6 @@ class RateLimit:
         return self.name or default_name
 
 
-DROP_OR_DELAY = ("delay", "drop")
-
-
 @dataclass(frozen=True, slots=True)
 class Throttle:
     """At most ``limit`` run starts per ``period`` seconds per key. A start over the

@@ -254,8 +254,9 @@ class Executor:
         ahead is slept out here; a later one parks the run as a timer until then (this
         message is done: ``"rate_limited"``). Returns None to run the step now, a label to
         return, or the transition of a key function that raised (the attempt fails)."""
-        if claim.compensating or claim.has_tokens or not wf.limits_of(visit.step):
-            return None
+        if not (wf.rate_limits or visit.step.rate_limits) or claim.compensating \
+                or claim.has_tokens:
+            return None  # the common case: no limit, no statement, no allocation
         try:
             buckets = wf.buckets_for(visit.step, claim.state)
         except errors.InvalidArgument as exc:

@@ -21,11 +21,6 @@ def _iso(value: Any) -> str | None:
 def _seconds(later: Any, now: Any) -> float | None:
     if isinstance(later, datetime) and isinstance(now, datetime):
         return round((later - now).total_seconds(), 3)
-    if isinstance(later, str) and isinstance(now, datetime):
-        try:
-            return round((datetime.fromisoformat(later) - now).total_seconds(), 3)
-        except ValueError:
-            return None
     return None
 
 
